@@ -17,6 +17,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ DEFAULT_STOP_GRACE_S = 10.0
 DEFAULT_SUPERNODE_MAX_RETRIES = 5
 DEFAULT_SUPERNODE_MAX_WAIT_S = 60.0
 POLL_INTERVAL_S = 0.1
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 STATE_FILE_NAME = "state.json"
 CONTROL_FEDERATION = "deployment"
@@ -291,17 +293,28 @@ def _reap(records: Sequence[ManagedProcess]) -> None:
             pass
 
 
-def last_log_line(log_path: Path) -> str:
-    """The last non-empty line of a log, shortened: the likeliest error message."""
+def log_hint(log_path: Path) -> str:
+    """The likeliest error message at the end of a log, on one short line.
+
+    Flower ends a failed process with "Exit Code: N", its message, and a link;
+    the code and message are what the user needs, not the link.
+    """
     try:
-        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        text = log_path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
-    for line in reversed(lines):
-        if line.strip():
-            line = line.strip()
-            return line if len(line) <= 200 else line[:197] + "..."
-    return ""
+    lines = [ANSI_ESCAPE.sub("", line).strip() for line in text.splitlines()[-40:]]
+    lines = [line for line in lines if line and not line.startswith("For more information")]
+    if not lines:
+        return ""
+    hint = lines[-1]
+    for index in range(len(lines) - 1, -1, -1):
+        if "Exit Code:" in lines[index]:
+            code = lines[index].split("Exit Code:", 1)[1].strip()
+            message = lines[index + 1] if index + 1 < len(lines) else ""
+            hint = f"Flower exit code {code}: {message}".strip()
+            break
+    return hint if len(hint) <= 200 else hint[:197] + "..."
 
 
 def wait_until_ready(
@@ -317,16 +330,16 @@ def wait_until_ready(
     while True:
         exit_code = process.poll()
         if exit_code is not None:
-            hint = last_log_line(log_path)
+            hint = log_hint(log_path)
             raise DeployError(
                 f"{name} exited with code {exit_code} before {what}; read {log_path}"
-                + (f" (last line: {hint})" if hint else "")
+                + (f" (log says: {hint})" if hint else "")
             )
         if is_ready():
             return
         if time.monotonic() > deadline:
             raise DeployError(
-                f"{name} did not come up ({what}) within {timeout_s:.0f} s; read {log_path}"
+                f"{name} did not come up ({what}) within {timeout_s:g} s; read {log_path}"
             )
         time.sleep(POLL_INTERVAL_S)
 
@@ -605,7 +618,7 @@ def register_node_key(
     answer = _json_from_cli_output(result.stdout)
     if not answer or not answer.get("success"):
         detail = (answer or {}).get("error-message") or (result.stdout + result.stderr)
-        detail = " ".join(str(detail).split())[:300]
+        detail = " ".join(ANSI_ESCAPE.sub("", str(detail)).split())[:300]
         raise DeployError(f"registering {public_key} with the SuperLink failed: {detail}")
     return str(answer.get("node-id", ""))
 

@@ -1,0 +1,217 @@
+"""The run config: one typed, validated object built from ``context.run_config``.
+
+Every key in ``[tool.flwr.app.config]`` is read and checked here, once, so the apps,
+the centralized baseline and the benchmark agree on names, types and ranges, and a
+bad value stops the run with one line before any data is loaded or any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A run-config or node-config value that cannot be used; the message says the fix."""
+
+
+class Partitioner(str, enum.Enum):
+    """How the shared training split is divided among nodes."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+
+
+class DeviceChoice(str, enum.Enum):
+    """Where the model trains; AUTO picks CUDA when the process can see a GPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+SYNTHETIC_DATASET = "synthetic"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated run config. Field names are the kebab-case keys in snake_case."""
+
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.5
+    min_train_nodes: int = 10
+    min_evaluate_nodes: int = 5
+    min_available_nodes: int = 10
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    dataset: str = "uoft-cs/cifar10"
+    partitioner: Partitioner = Partitioner.IID
+    dirichlet_alpha: float = 0.5
+    val_fraction: float = 0.2
+    seed: int = 42
+    output_dir: str = "outputs"
+    resume_from: str = ""
+    device: DeviceChoice = DeviceChoice.AUTO
+    node_wait_timeout: float = 120.0
+    round_timeout: float = 600.0
+    verbose: bool = False
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build and validate from Flower's run config (kebab-case keys)."""
+        known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(unknown)}: "
+                f"allowed keys are {', '.join(sorted(known))}"
+            )
+        values = {}
+        for key, value in run_config.items():
+            values[known[key].name] = _coerce(key, value, known[key].type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case dict that ``from_run_config`` reads back (for config.json)."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name.replace("_", "-")] = (
+                value.value if isinstance(value, enum.Enum) else value
+            )
+        return out
+
+    def validate(self) -> None:
+        """Range checks; each failure names the key, the value and what is allowed."""
+        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, "an integer >= 1")
+        for key, value in (("fraction-train", self.fraction_train), ("fraction-evaluate", self.fraction_evaluate)):
+            _check(0.0 < value <= 1.0, key, value, "a number in (0, 1]")
+        for key, value in (
+            ("min-train-nodes", self.min_train_nodes),
+            ("min-evaluate-nodes", self.min_evaluate_nodes),
+            ("min-available-nodes", self.min_available_nodes),
+        ):
+            _check(value >= 1, key, value, "an integer >= 1")
+        _check(
+            self.min_available_nodes >= max(self.min_train_nodes, self.min_evaluate_nodes),
+            "min-available-nodes",
+            self.min_available_nodes,
+            f"at least min-train-nodes ({self.min_train_nodes}) and min-evaluate-nodes "
+            f"({self.min_evaluate_nodes}), since Flower waits for that many nodes before sampling",
+        )
+        _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "batch-size", self.batch_size, "an integer >= 1")
+        _check(
+            self.learning_rate > 0 and math.isfinite(self.learning_rate),
+            "learning-rate",
+            self.learning_rate,
+            "a finite number > 0",
+        )
+        _check(bool(self.dataset.strip()), "dataset", self.dataset, "a hub id, a local folder or 'synthetic'")
+        _check(
+            self.dirichlet_alpha > 0 and math.isfinite(self.dirichlet_alpha),
+            "dirichlet-alpha",
+            self.dirichlet_alpha,
+            "a finite number > 0",
+        )
+        _check(0.0 < self.val_fraction < 1.0, "val-fraction", self.val_fraction, "a number in (0, 1)")
+        _check(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(bool(self.output_dir.strip()), "output-dir", self.output_dir, "a folder path")
+        _check(self.node_wait_timeout > 0, "node-wait-timeout", self.node_wait_timeout, "seconds > 0")
+        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "seconds > 0")
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.dataset == SYNTHETIC_DATASET
+
+    def resolved_output_dir(self) -> Path:
+        """Absolute output folder; relative paths resolve against this process's cwd."""
+        return Path(self.output_dir).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """What one node trains on: a partition of the shared dataset or its own folder."""
+
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    data_path: str | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeData":
+        """Read ``partition-id``/``num-partitions`` or ``data-path`` from the node config."""
+        usage = (
+            "start the SuperNode with --node-config \"partition-id=0 num-partitions=10\" "
+            "(a share of the run's dataset) or --node-config \"data-path='/path/to/data'\" (its own data)"
+        )
+        data_path = node_config.get("data-path")
+        if data_path is not None:
+            if not isinstance(data_path, str) or not data_path.strip():
+                raise ConfigError(f"node config data-path={data_path!r} is not a folder path: {usage}")
+            return cls(data_path=data_path)
+        if "partition-id" not in node_config or "num-partitions" not in node_config:
+            given = ", ".join(f"{k}={v!r}" for k, v in node_config.items()) or "nothing"
+            raise ConfigError(
+                f"node config has {given} but needs partition-id and num-partitions, or data-path: {usage}"
+            )
+        partition_id = node_config["partition-id"]
+        num_partitions = node_config["num-partitions"]
+        if not (isinstance(num_partitions, int) and num_partitions >= 1):
+            raise ConfigError(f"node config num-partitions={num_partitions!r} must be an integer >= 1: {usage}")
+        if not (isinstance(partition_id, int) and 0 <= partition_id < num_partitions):
+            raise ConfigError(
+                f"node config partition-id={partition_id!r} must be an integer in 0..{num_partitions - 1}: {usage}"
+            )
+        return cls(partition_id=partition_id, num_partitions=num_partitions)
+
+    @property
+    def label(self) -> str:
+        """How logs name this node's data."""
+        if self.data_path is not None:
+            return f"data-path={self.data_path}"
+        return f"partition {self.partition_id}/{self.num_partitions}"
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"run-config {key}={value!r} is not allowed: use {allowed}")
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Convert a TOML/CLI value to the field's type, or say what was expected."""
+    type_name = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    if type_name == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"run-config {key}={value!r} is not allowed: use true or false")
+    if type_name == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"run-config {key}={value!r} is not allowed: use an integer")
+        return value
+    if type_name == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"run-config {key}={value!r} is not allowed: use a number")
+        return float(value)
+    if type_name == "str":
+        if not isinstance(value, str):
+            raise ConfigError(f"run-config {key}={value!r} is not allowed: use a quoted string, e.g. {key}='...'")
+        return value
+    for enum_type in (Partitioner, DeviceChoice):
+        if type_name == enum_type.__name__:
+            allowed = ", ".join(repr(m.value) for m in enum_type)
+            try:
+                return enum_type(value)
+            except ValueError:
+                raise ConfigError(f"run-config {key}={value!r} is not allowed: use one of {allowed}") from None
+    raise TypeError(f"no coercion for field type {type_name}")  # programming error, not user input

@@ -1,0 +1,519 @@
+"""Datasets as uint8 tensors: sources, decoding once, an on-disk cache, partitioning.
+
+Every image is decoded once per machine, not once per epoch: a split is decoded in
+batches (torchvision's JPEG/PNG decoders), checked (32x32 RGB, labels 0..9) and stored
+as ``.npy`` files in a cache folder that every process of the machine shares (Ray
+actors are separate processes). Later loads memory-map those files, so a node's
+partition costs one fancy-index copy, and normalisation happens per batch on the tensor.
+
+Cache entries are keyed on what defines the data (the source, its files' sizes and
+modification times, the split), so an edited dataset is decoded again; partitions are
+keyed on every value that defines them (partitioner, alpha, seed, number of partitions,
+validation fraction). Flower-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import SYNTHETIC_DATASET, ConfigError, NodeData, Partitioner, RunConfig
+from .model import IMAGE_SHAPE, NUM_CLASSES
+from .seeds import derive_seed
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)
+CACHE_FORMAT = 1  # bump when the stored layout changes, so old entries are never misread
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file or key and the fix."""
+
+
+@dataclass(frozen=True)
+class ImageTensors:
+    """Images as uint8 [N, 3, 32, 32] and labels as int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class NodeSplits:
+    """One node's data: what it trains on and what it validates on."""
+
+    train: ImageTensors
+    val: ImageTensors
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [-1, 1], the tutorial's Normalize((0.5,)*3, (0.5,)*3), on a whole batch."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class LocalFolder:
+    """A folder of parquet files, an image folder, or a ``save_to_disk`` folder."""
+
+    path: Path
+    kind: str  # "parquet" | "imagefolder" | "save_to_disk"
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    hub_id: str
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    pass
+
+
+DataSource = LocalFolder | HubDataset | SyntheticDataset
+
+
+def resolve_source(name: str, key: str = "dataset") -> DataSource:
+    """Classify a ``dataset`` value; a path that is not there is an error, not a hub id."""
+    if name == SYNTHETIC_DATASET:
+        return SyntheticDataset()
+    path = Path(name).expanduser()
+    looks_like_path = name.startswith(("/", "./", "../", "~")) or os.sep + os.sep in name
+    if not path.exists():
+        if looks_like_path or name.count("/") > 1:
+            raise DataError(
+                f"{key}={name!r}: no such folder (resolved to {path.resolve()}); "
+                "pass an existing folder, a Hugging Face hub id or 'synthetic'"
+            )
+        return HubDataset(name)
+    path = path.resolve()
+    if not path.is_dir():
+        raise DataError(f"{key}={name!r} is a file; pass the folder that holds the train/test splits")
+    if (path / "dataset_dict.json").exists():
+        return LocalFolder(path, "save_to_disk")
+    if any(path.rglob("*.parquet")):
+        return LocalFolder(path, "parquet")
+    if any(p.suffix.lower() in IMAGE_SUFFIXES for p in path.rglob("*")):
+        return LocalFolder(path, "imagefolder")
+    raise DataError(
+        f"{key}={name!r} holds no parquet files, images or save_to_disk dataset: "
+        "pass a folder like ../shared/data/cifar10 (train-*.parquet and test-*.parquet)"
+    )
+
+
+def _split_files(folder: LocalFolder, split: str) -> list[Path]:
+    """The files of one split, by the Hugging Face naming conventions."""
+    root = folder.path
+    if folder.kind == "save_to_disk":
+        files = sorted(p for p in (root / split).rglob("*") if p.is_file())
+    elif folder.kind == "parquet":
+        files = sorted(p for p in root.rglob("*.parquet") if _split_of(p.relative_to(root)) == split)
+    else:
+        files = sorted(
+            p for p in (root / split).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    return files
+
+
+def _split_of(relative: Path) -> str | None:
+    """'train-00000-of-00001.parquet', 'test.parquet', 'train/x.parquet', 'data/test-0.parquet'."""
+    stem = relative.name.split("-")[0].split(".")[0].split("_")[0]
+    if stem in SPLITS:
+        return stem
+    for part in relative.parts[:-1]:
+        if part in SPLITS:
+            return part
+    return None
+
+
+def _fingerprint(source: DataSource, split: str, key: str) -> str:
+    """What defines a split's decoded tensors; any change to its files changes it."""
+    if isinstance(source, SyntheticDataset):
+        identity = [SYNTHETIC_DATASET, split]
+    elif isinstance(source, HubDataset):
+        identity = ["hub", source.hub_id, split]
+    else:
+        files = _split_files(source, split)
+        if not files:
+            raise DataError(
+                f"{key}={str(source.path)!r} has no {split!r} split: expected {split}-*.parquet files, "
+                f"a {split}/ folder of images, or a save_to_disk folder with {split}/"
+            )
+        identity = [str(source.path), split] + [
+            f"{f.relative_to(source.path)}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files
+        ]
+    identity.insert(0, f"format-{CACHE_FORMAT}")
+    return hashlib.sha256("\n".join(identity).encode()).hexdigest()[:32]
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_images(encoded: Sequence[bytes], where: str) -> np.ndarray:
+    """Decode JPEG/PNG bytes to uint8 [N, 3, 32, 32], JPEGs in one batched call.
+
+    Anything that is not a 32x32 RGB image is an error naming its row.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    out = np.empty((len(encoded), *IMAGE_SHAPE), dtype=np.uint8)
+    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
+    jpeg_rows = [i for i, b in enumerate(encoded) if b[:2] == b"\xff\xd8"]
+    other_rows = [i for i, b in enumerate(encoded) if b[:2] != b"\xff\xd8"]
+    decoded: dict[int, torch.Tensor] = {}
+    try:
+        if jpeg_rows:
+            decoded.update(
+                zip(jpeg_rows, decode_jpeg([tensors[i] for i in jpeg_rows], mode=ImageReadMode.UNCHANGED))
+            )
+    except RuntimeError:
+        jpeg_rows, other_rows = [], list(range(len(encoded)))  # find the bad row one by one below
+    for row in other_rows:
+        try:
+            decoded[row] = decode_image(tensors[row], mode=ImageReadMode.UNCHANGED)
+        except RuntimeError as err:
+            raise DataError(f"{where}: row {row} is not a readable image ({err}); replace or remove it") from None
+    for row in range(len(encoded)):
+        image = decoded[row]
+        if tuple(image.shape) != IMAGE_SHAPE:
+            c, h, w = image.shape
+            raise DataError(
+                f"{where}: row {row} is a {h}x{w} image with {c} channel(s); "
+                "this app needs 32x32 RGB images (CIFAR-10 shaped)"
+            )
+        out[row] = image.numpy()
+    return out
+
+
+def _check_labels(labels: np.ndarray, where: str) -> np.ndarray:
+    bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
+    if bad.size:
+        raise DataError(
+            f"{where}: label {labels[bad[0]]} at row {bad[0]} is outside 0..{NUM_CLASSES - 1}; "
+            f"this app trains a {NUM_CLASSES}-class classifier"
+        )
+    return labels.astype(np.int64)
+
+
+def _read_parquet_split(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    images, labels = [], []
+    for file in files:
+        try:
+            table = pq.read_table(file)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise DataError(f"cannot read {file}: {err}; re-create or replace this parquet file") from None
+        missing = [c for c in ("img", "label") if c not in table.column_names]
+        if missing:
+            raise DataError(
+                f"{file} lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names)}): "
+                "this app needs 'img' (image bytes) and 'label' (0..9), the uoft-cs/cifar10 schema"
+            )
+        column = table.column("img").combine_chunks()
+        try:
+            encoded = column.field("bytes").to_pylist() if hasattr(column, "field") else column.to_pylist()
+            if not all(isinstance(b, bytes) for b in encoded):
+                raise TypeError
+        except (TypeError, KeyError):
+            raise DataError(f"{file}: column 'img' does not hold encoded images (JPEG/PNG bytes)") from None
+        images.append(decode_images(encoded, str(file)))
+        labels.append(_check_labels(np.asarray(table.column("label").to_pylist()), str(file)))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _read_image_folder_split(root: Path, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """<root>/<split>/<class>/<image>: labels from the sorted class folder names (imagefolder's rule)."""
+    classes = sorted({f.parent.name for f in files})
+    if len(classes) > NUM_CLASSES:
+        raise DataError(f"{root} has {len(classes)} class folders; this app needs at most {NUM_CLASSES}")
+    label_of = {name: i for i, name in enumerate(classes)}
+    images = decode_images([f.read_bytes() for f in files], str(files[0].parent.parent))
+    return images, np.array([label_of[f.parent.name] for f in files], dtype=np.int64)
+
+
+def _read_hf_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Hub ids and save_to_disk folders go through Hugging Face ``datasets``."""
+    import datasets
+
+    try:
+        if isinstance(source, HubDataset):
+            dataset_dict = datasets.load_dataset(source.hub_id)
+        else:
+            dataset_dict = datasets.load_from_disk(str(source.path))
+    except Exception as err:
+        name = source.hub_id if isinstance(source, HubDataset) else str(source.path)
+        raise DataError(
+            f"{key}={name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "without internet access pass a local folder, e.g. dataset='../shared/data/cifar10'"
+        ) from None
+    if split not in dataset_dict:
+        raise DataError(f"{key}: the dataset has splits {list(dataset_dict)} but no {split!r} split")
+    dataset = dataset_dict[split]
+    if "img" not in dataset.column_names and "image" in dataset.column_names:
+        dataset = dataset.rename_column("image", "img")
+    missing = [c for c in ("img", "label") if c not in dataset.column_names]
+    if missing:
+        raise DataError(
+            f"{key}: split {split!r} lacks column(s) {', '.join(missing)} (has {', '.join(dataset.column_names)}); "
+            "this app needs 'img' and 'label', the uoft-cs/cifar10 schema"
+        )
+    dataset = dataset.cast_column("img", datasets.Image(decode=False))
+    encoded = [cell["bytes"] or Path(cell["path"]).read_bytes() for cell in dataset["img"]]
+    where = f"{key} split {split!r}"
+    return decode_images(encoded, where), _check_labels(np.asarray(dataset["label"]), where)
+
+
+def synthetic_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A small learnable CIFAR-shaped set: a fixed smooth pattern per class plus noise.
+
+    Deterministic (fixed seeds, independent of the run's seed) so every process and
+    machine builds the same data without files or network.
+    """
+    per_class = {"train": 200, "test": 50}[split]
+    prototypes_rng = np.random.default_rng(2024)
+    coarse = prototypes_rng.uniform(30, 225, size=(NUM_CLASSES, 3, 4, 4))
+    prototypes = coarse.repeat(8, axis=2).repeat(8, axis=3)  # 4x4 blocks -> 32x32
+    rng = np.random.default_rng({"train": 1, "test": 2}[split])
+    labels = np.tile(np.arange(NUM_CLASSES), per_class)
+    noise = rng.normal(0, 40, size=(len(labels), *IMAGE_SHAPE))
+    images = np.clip(prototypes[labels] + noise, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def cache_root() -> Path:
+    """$FEDCIFAR_CACHE_DIR, else $XDG_CACHE_HOME/fedcifar_app, else ~/.cache/fedcifar_app."""
+    if env := os.environ.get("FEDCIFAR_CACHE_DIR"):
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "fedcifar_app"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One decoder per entry across processes; the others wait and then read its result."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _decode_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(source, SyntheticDataset):
+        return synthetic_split(split)
+    if isinstance(source, LocalFolder) and source.kind == "parquet":
+        return _read_parquet_split(_split_files(source, split))
+    if isinstance(source, LocalFolder) and source.kind == "imagefolder":
+        return _read_image_folder_split(source.path, _split_files(source, split))
+    return _read_hf_split(source, split, key)
+
+
+def load_split(dataset: str, split: str, key: str = "dataset") -> ImageTensors:
+    """A whole split as tensors, decoded once per machine and memory-mapped afterwards."""
+    source = resolve_source(dataset, key)
+    fingerprint = _fingerprint(source, split, key)
+    images, labels = _cached_arrays(source, split, key, fingerprint)
+    return ImageTensors(torch.from_numpy(images), torch.from_numpy(labels))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_arrays(source: DataSource, split: str, key: str, fingerprint: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per process: the memory-mapped arrays of one cache entry (keyed by its fingerprint)."""
+    if isinstance(source, SyntheticDataset):
+        return synthetic_split(split)  # cheaper to build than to read back
+    entry = cache_root() / fingerprint
+    if not (entry / "meta.json").exists():
+        with _exclusive(cache_root() / f"{fingerprint}.lock"):
+            if not (entry / "meta.json").exists():
+                _write_entry(entry, source, split, key)
+    # Copy-on-write map: torch wants writable memory; pages stay shared and nothing writes back.
+    return np.load(entry / "images.npy", mmap_mode="c"), np.load(entry / "labels.npy")
+
+
+def _write_entry(entry: Path, source: DataSource, split: str, key: str) -> None:
+    """Decode and write to a temporary folder, then rename: readers never see half an entry."""
+    images, labels = _decode_split(source, split, key)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        np.save(staging / "images.npy", images)
+        np.save(staging / "labels.npy", labels)
+        described = source.hub_id if isinstance(source, HubDataset) else str(getattr(source, "path", source))
+        (staging / "meta.json").write_text(
+            json.dumps({"source": described, "split": split, "rows": int(len(labels)), "format": CACHE_FORMAT})
+        )
+        os.replace(staging, entry)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def class_names(dataset: str) -> tuple[str, ...]:
+    """Class names for plots: CIFAR-10's, or an image folder's class folder names."""
+    source = resolve_source(dataset)
+    if isinstance(source, LocalFolder) and source.kind == "imagefolder":
+        return tuple(sorted({f.parent.name for f in _split_files(source, "train")}))
+    return CIFAR10_CLASSES
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+@functools.lru_cache(maxsize=8)
+def _partitioner(
+    dataset: str, fingerprint: str, partitioner: Partitioner, num_partitions: int, alpha: float, seed: int
+):
+    """A flwr-datasets partitioner over the split's labels, one per process per set of defining values.
+
+    It sees only labels and row numbers, never images, so partitioning 1,000 ways stays cheap.
+    """
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    labels = load_split(dataset, "train").labels.numpy()
+    table = Dataset.from_dict({"label": labels, "row": np.arange(len(labels))})
+    if partitioner is Partitioner.IID:
+        splitter = IidPartitioner(num_partitions=num_partitions)
+        table = table.shuffle(seed=seed)
+    else:
+        splitter = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=2,  # one training and one validation sample at least
+            self_balancing=False,
+            shuffle=True,
+            seed=seed,
+        )
+    splitter.dataset = table
+    return splitter
+
+
+def _partition_rows(config_key: tuple, partition_id: int, num_samples: int) -> np.ndarray:
+    """Row indices of one partition; Dirichlet's failure becomes a message that says the fix."""
+    try:
+        return np.asarray(_partitioner(*config_key).load_partition(partition_id).with_format("numpy")["row"])
+    except ValueError as err:
+        _, _, _, num_partitions, alpha, _ = config_key
+        raise DataError(
+            f"partitioner='dirichlet' with dirichlet-alpha={alpha} cannot give each of {num_partitions} nodes "
+            f"2 or more of the {num_samples} samples ({err}); raise dirichlet-alpha or use fewer nodes"
+        ) from None
+
+
+def split_train_val(data: ImageTensors, val_fraction: float, seed: int, where: str) -> NodeSplits:
+    """Shuffle with ``seed`` and hold out ``val_fraction`` (at least one sample) for validation."""
+    n = len(data)
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(
+            f"{where} has {n} sample(s): too few to split into training and validation "
+            f"(val-fraction={val_fraction}); use fewer nodes or more data"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_rows, train_rows = order[:n_val], order[n_val:]
+    return NodeSplits(
+        train=ImageTensors(data.images[train_rows], data.labels[train_rows]),
+        val=ImageTensors(data.images[val_rows], data.labels[val_rows]),
+    )
+
+
+def load_node_data(config: RunConfig, node: NodeData) -> NodeSplits:
+    """The node's train/validation tensors: its share of ``dataset`` or its own ``data-path``."""
+    return _load_node_data(
+        config.dataset, config.partitioner, config.dirichlet_alpha, config.seed, config.val_fraction,
+        node, _node_fingerprint(config.dataset, node),
+    )
+
+
+def _node_fingerprint(dataset: str, node: NodeData) -> str:
+    if node.data_path is not None:
+        return _fingerprint(resolve_source(node.data_path, "node config data-path"), "train", "data-path")
+    return _fingerprint(resolve_source(dataset), "train", "dataset")
+
+
+@functools.lru_cache(maxsize=32)
+def _load_node_data(
+    dataset: str, partitioner: Partitioner, alpha: float, seed: int, val_fraction: float,
+    node: NodeData, fingerprint: str,
+) -> NodeSplits:
+    """Cached per process on every value that defines the node's data (the files' fingerprint too)."""
+    if node.data_path is not None:
+        own = load_split(node.data_path, "train", key="node config data-path")
+        return split_train_val(own, val_fraction, derive_seed(seed, "val-split"), f"data-path={node.data_path}")
+    full = load_split(dataset, "train")
+    config_key = (dataset, fingerprint, partitioner, node.num_partitions, alpha, seed)
+    rows = torch.from_numpy(_partition_rows(config_key, node.partition_id, len(full)))
+    where = f"partition {node.partition_id} of {node.num_partitions}"
+    if len(rows) == 0:
+        raise DataError(
+            f"{where} is empty ({len(full)} training samples for {node.num_partitions} nodes); "
+            "use fewer nodes or more data"
+        )
+    part = ImageTensors(full.images[rows], full.labels[rows])
+    return split_train_val(part, val_fraction, derive_seed(seed, "val-split", node.partition_id), where)
+
+
+def check_dataset(dataset: str) -> None:
+    """Fail fast on a dataset value that cannot work (missing folder, split or columns)."""
+    source = resolve_source(dataset)
+    if isinstance(source, LocalFolder):
+        for split in SPLITS:
+            _fingerprint(source, split, "dataset")
+
+
+# --------------------------------------------------------------------------- cache CLI
+
+
+def cache_main(argv: Sequence[str] | None = None) -> int:
+    """``fedcifar-cache info|clear``: where decoded datasets live, how big they are, and removal."""
+    parser = argparse.ArgumentParser(prog="fedcifar-cache", description=cache_main.__doc__)
+    parser.add_argument("action", choices=("info", "clear"))
+    args = parser.parse_args(argv)
+    root = cache_root()
+    entries = sorted(p for p in root.glob("*") if (p / "meta.json").exists()) if root.exists() else []
+    if args.action == "info":
+        total = 0
+        print(f"cache folder: {root} (set FEDCIFAR_CACHE_DIR to move it)")
+        for entry in entries:
+            size = sum(f.stat().st_size for f in entry.iterdir())
+            total += size
+            meta = json.loads((entry / "meta.json").read_text())
+            print(f"  {entry.name}  {size / 2**20:8.1f} MiB  {meta['split']:5s}  {meta['rows']:6d} rows  {meta['source']}")
+        print(f"{len(entries)} entries, {total / 2**20:.1f} MiB")
+    else:
+        if root.exists():
+            shutil.rmtree(root)
+        print(f"removed {root} ({len(entries)} entries)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cache_main())

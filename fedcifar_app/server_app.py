@@ -1,0 +1,168 @@
+"""ServerApp: validate, check every node's data, run FedAvg, hand each round to the run folder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+
+import flwr
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.server.grid import InMemoryGrid
+from flwr.serverapp import Grid, ServerApp
+
+from . import training
+from .config import ConfigError, RunConfig
+from .data import DataError, check_dataset, load_split
+from .model import Net, new_model
+from .results import Checkpoint, RunRecorder, create_run_folder, format_row, summary_table, write_status
+from .seeds import derive_seed
+from .strategy import RecordingFedAvg, RunAborted, short_reason, wait_for_nodes
+
+app = ServerApp()
+logger = logging.getLogger("flwr.fedcifar_app")
+
+USER_ERRORS = (ConfigError, DataError, RunAborted)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation; a user error ends it with one ERROR line and a failed status, no traceback."""
+    with flower_logs(verbose=context.run_config.get("verbose") is True):
+        folder = None
+        try:
+            output_dir = Path(str(context.run_config.get("output-dir", "outputs"))).expanduser().resolve()
+            folder = create_run_folder(output_dir)
+            run_federation(grid, context, folder)
+        except USER_ERRORS as err:
+            logger.error("%s", err)
+            if folder is not None:
+                write_status(folder, "failed", str(err))
+                logger.error("Run folder (status: failed): %s", folder)
+        except BaseException as err:
+            if folder is not None:
+                write_status(folder, "failed", f"{type(err).__name__}: {err}")
+            raise
+
+
+def run_federation(grid: Grid, context: Context, folder: Path) -> None:
+    config = RunConfig.from_run_config(context.run_config)
+    simulation = isinstance(grid, InMemoryGrid)
+    device = training.pick_device(config.device)
+    logger.info("fedcifar_app run folder: %s", folder)
+    logger.info(
+        "Server on %s | PyTorch %s | Flower %s | Python %s | %s | dataset %s",
+        device, torch.__version__, flwr.__version__, platform.python_version(),
+        "simulation" if simulation else "deployment", config.dataset,
+    )
+
+    check_dataset(config.dataset)
+    test_data = load_split(config.dataset, "test")
+    resumed = None
+    if config.resume_from:
+        resumed = Checkpoint.load(Path(config.resume_from).expanduser().resolve())
+        resumed.check_compatible(config)
+        logger.info("Resuming %s after round %d", config.resume_from, resumed.round)
+    recorder = RunRecorder.start(folder, config, resumed)
+
+    needed = max(config.min_available_nodes, config.min_train_nodes, config.min_evaluate_nodes)
+    node_ids = wait_for_nodes(grid, needed, config.node_wait_timeout, simulation=simulation)
+    logger.info("Federation: %d SuperNodes connected (%d needed)", len(node_ids), needed)
+    node_names = check_node_data(grid, node_ids, config)
+
+    weights = resumed.weights if resumed else new_model(derive_seed(config.seed, "init")).state_dict()
+    strategy = RecordingFedAvg(
+        recorder=recorder,
+        node_names=node_names,
+        node_wait_timeout=config.node_wait_timeout,
+        simulation=simulation,
+        fraction_train=config.fraction_train,
+        fraction_evaluate=config.fraction_evaluate,
+        min_train_nodes=config.min_train_nodes,
+        min_evaluate_nodes=config.min_evaluate_nodes,
+        min_available_nodes=config.min_available_nodes,
+        weighted_by_key="num-examples",
+    )
+    model = Net()
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the global model on the test split and close the round's record."""
+        if resumed is not None and server_round == 0:
+            return None  # the resumed run's rounds are already recorded
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = training.evaluate(model, test_data, device)
+        row = recorder.finish_round(recorder.to_global(server_round), result.loss, result.accuracy,
+                                    training.get_weights(model))
+        logger.info("%s", format_row(row))
+        return MetricRecord({"central-accuracy": result.accuracy, "central-loss": result.loss})
+
+    train_config = ConfigRecord(
+        {"learning-rate": config.learning_rate, "local-epochs": config.local_epochs, "batch-size": config.batch_size}
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(weights),
+        num_rounds=config.num_server_rounds - recorder.round_offset,
+        timeout=config.round_timeout,
+        train_config=train_config,
+        evaluate_fn=central_evaluate,
+    )
+    recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
+    logger.info("Results per round:\n%s", summary_table(recorder.rows))
+    logger.info("Run folder (status: completed): %s", folder)
+
+
+def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig) -> dict[int, str]:
+    """Ask every node to load its data before round 1; return node id -> what data it holds.
+
+    Nodes whose data fails are named and left out of the count; too few usable nodes stops
+    the run here, before any training.
+    """
+    messages = [
+        Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), message_type=MessageType.QUERY,
+                dst_node_id=node_id)
+        for node_id in node_ids
+    ]
+    replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=config.round_timeout)}
+    names, failures, train_sizes = {}, [], []
+    for node_id in node_ids:
+        reply = replies.get(node_id)
+        if reply is None:
+            failures.append(f"node {node_id}: no answer within round-timeout={config.round_timeout:g}s")
+        elif reply.has_error():
+            failures.append(f"node {node_id}: {short_reason(reply.error.reason)}")
+        else:
+            names[node_id] = str(reply.content["info"]["data"])
+            train_sizes.append(int(reply.content["metrics"]["num-train"]))
+    needed = max(config.min_train_nodes, config.min_evaluate_nodes)
+    if len(names) < needed:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise RunAborted(
+            f"data check failed on {len(failures)} of {len(node_ids)} nodes, {len(names)} usable but "
+            f"min-train-nodes/min-evaluate-nodes need {needed}: {failures[0]}{more}"
+        )
+    for failure in failures:
+        logger.warning("data check: %s; the run goes on without this node", failure)
+    logger.info(
+        "Data check: %d nodes ready, %d training samples (%d to %d per node)",
+        len(names), sum(train_sizes), min(train_sizes), max(train_sizes),
+    )
+    return names
+
+
+@contextlib.contextmanager
+def flower_logs(verbose: bool) -> Iterator[None]:
+    """Keep Flower's per-message INFO lines out of the way unless ``verbose``; this app's lines stay."""
+    flower = logging.getLogger("flwr")
+    previous_flower, previous_ours = flower.level, logger.level
+    logger.setLevel(logging.INFO)
+    if not verbose:
+        flower.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        flower.setLevel(previous_flower)
+        logger.setLevel(previous_ours)

@@ -1,0 +1,93 @@
+"""Train and evaluate on in-memory uint8 tensors; Flower-free so the apps, the
+centralized baseline and the benchmark all run the same loops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import DeviceChoice
+from .data import ImageTensors, normalize
+
+EVAL_BATCH_SIZE = 512  # evaluation keeps no activations for backward, so big batches are cheap
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_examples: int
+
+
+def pick_device(choice: DeviceChoice) -> torch.device:
+    """CUDA when asked for or available (AUTO), else CPU; a missing GPU is a clear error."""
+    if choice is DeviceChoice.CUDA and not torch.cuda.is_available():
+        raise RuntimeError("run-config device='cuda' but this process sees no CUDA GPU: use device='auto' or 'cpu'")
+    if choice is DeviceChoice.CPU or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def train(
+    model: nn.Module,
+    data: ImageTensors,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    device: torch.device,
+    seed: int,
+    on_batch: Callable[[], None] | None = None,
+) -> float:
+    """Adam on shuffled mini-batches (the tutorial's setup); returns the mean training loss.
+
+    Shuffling draws from a generator seeded with ``seed`` alone, so the same call gives the
+    same batches in any process.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot train on an empty data set")
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    criterion = nn.CrossEntropyLoss()
+    generator = torch.Generator().manual_seed(seed)
+    images, labels = data.images.to(device), data.labels.to(device)
+    total_loss, total_seen = 0.0, 0
+    for _ in range(epochs):
+        order = torch.randperm(len(data), generator=generator).to(device)
+        for start in range(0, len(data), batch_size):
+            batch = order[start : start + batch_size]
+            inputs, targets = normalize(images[batch]), labels[batch]
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(batch)
+            total_seen += len(batch)
+            if on_batch is not None:
+                on_batch()
+    return total_loss / total_seen
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: ImageTensors, device: torch.device) -> EvalResult:
+    """Mean cross-entropy and accuracy over ``data``."""
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty data set")
+    model.to(device).eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(data), EVAL_BATCH_SIZE):
+        inputs = normalize(data.images[start : start + EVAL_BATCH_SIZE].to(device))
+        targets = data.labels[start : start + EVAL_BATCH_SIZE].to(device)
+        outputs = model(inputs)
+        total_loss += criterion(outputs, targets).item()
+        correct += (outputs.argmax(1) == targets).sum().item()
+    return EvalResult(loss=total_loss / len(data), accuracy=correct / len(data), num_examples=len(data))
+
+
+def get_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the state dict, safe to keep after the model trains on."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
