@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -22,6 +23,8 @@ import torch
 
 from .config import ConfigError, RunConfig
 from .model import Net
+
+logger = logging.getLogger("flwr.fedcifar_app")  # the app's log lines, shown even when Flower's are quiet
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -209,8 +212,18 @@ class RunRecorder:
             atomic_torch_save(self.folder / BEST_MODEL, weights)
         checkpoint = Checkpoint(round_number, weights, self.rows, self.best_accuracy, self.run_config)
         atomic_torch_save(self.folder / CHECKPOINT, checkpoint.to_dict())
+        self.write_curves()
         self.begin_round()
         return row
+
+    def write_curves(self) -> None:
+        """Refresh curves.png from the rows so far; a plotting failure is a warning, never a failed run."""
+        try:
+            from .plots import CURVES, write_curves  # here: plots imports this module
+
+            write_curves(self.folder / CURVES, self.rows)
+        except Exception as err:  # matplotlib missing or broken must not cost a run
+            logger.warning("could not write curves.png (%s: %s); the run goes on", type(err).__name__, err)
 
     def finish_run(self, weights: dict[str, torch.Tensor]) -> None:
         atomic_torch_save(self.folder / FINAL_MODEL, weights)
