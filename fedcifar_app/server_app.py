@@ -15,8 +15,8 @@ from flwr.server.grid import InMemoryGrid
 from flwr.serverapp import Grid, ServerApp
 
 from . import training
-from .config import ConfigError, RunConfig
-from .data import DataError, check_dataset, load_split
+from .config import ConfigError, NodeData, RunConfig
+from .data import DataError, check_dataset, class_names, load_node_data, load_split
 from .model import Net, new_model
 from .results import Checkpoint, RunRecorder, create_run_folder, format_row, summary_table, write_status
 from .seeds import derive_seed
@@ -41,7 +41,7 @@ def main(grid: Grid, context: Context) -> None:
             logger.error("%s", err)
             if folder is not None:
                 write_status(folder, "failed", str(err))
-                logger.error("Run folder (status: failed): %s", folder)
+                logger.info("Run folder (status: failed): %s", folder)
         except BaseException as err:
             if folder is not None:
                 write_status(folder, "failed", f"{type(err).__name__}: {err}")
@@ -72,6 +72,7 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
     node_ids = wait_for_nodes(grid, needed, config.node_wait_timeout, simulation=simulation)
     logger.info("Federation: %d SuperNodes connected (%d needed)", len(node_ids), needed)
     node_names = check_node_data(grid, node_ids, config)
+    write_samples(folder, config, num_partitions=len(node_ids))
 
     weights = resumed.weights if resumed else new_model(derive_seed(config.seed, "init")).state_dict()
     strategy = RecordingFedAvg(
@@ -113,6 +114,18 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
     recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
     logger.info("Results per round:\n%s", summary_table(recorder.rows))
     logger.info("Run folder (status: completed): %s", folder)
+
+
+def write_samples(folder: Path, config: RunConfig, num_partitions: int) -> None:
+    """samples.png: partition 0's first training images; a plotting failure is a warning, never a failed run."""
+    try:
+        from .plots import SAMPLES, write_samples as plot_samples
+
+        node = NodeData(partition_id=0, num_partitions=num_partitions)
+        plot_samples(folder / SAMPLES, load_node_data(config, node).train, class_names(config.dataset),
+                     where=f"partition 0 of {num_partitions}")
+    except Exception as err:
+        logger.warning("could not write samples.png (%s: %s); the run goes on", type(err).__name__, err)
 
 
 def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig) -> dict[int, str]:
