@@ -55,7 +55,7 @@ def replies_user_errors(handler: Callable[[Message, Context], Message]) -> Calla
         try:
             return handler(msg, context)
         except (ConfigError, DataError) as err:
-            logger.error("%s: %s", type(err).__name__, err)
+            logger.warning("%s: %s", type(err).__name__, err)  # the server reports it as the run's ERROR
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{err}"), reply_to=msg)
 
     return wrapper

@@ -469,9 +469,10 @@ def _load_node_data(
         own = load_split(node.data_path, "train", key="node config data-path")
         return split_train_val(own, val_fraction, derive_seed(seed, "val-split"), f"data-path={node.data_path}")
     full = load_split(dataset, "train")
-    config_key = (dataset, fingerprint, partitioner, node.num_partitions, alpha, seed)
-    rows = torch.from_numpy(_partition_rows(config_key, node.partition_id, len(full)))
     where = f"partition {node.partition_id} of {node.num_partitions}"
+    config_key = (dataset, fingerprint, partitioner, node.num_partitions, alpha, seed)
+    rows = torch.from_numpy(_partition_rows(config_key, node.partition_id, len(full))) \
+        if node.num_partitions <= len(full) else torch.empty(0, dtype=torch.int64)
     if len(rows) == 0:
         raise DataError(
             f"{where} is empty ({len(full)} training samples for {node.num_partitions} nodes); "
