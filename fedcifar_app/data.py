@@ -471,8 +471,10 @@ def _load_node_data(
     full = load_split(dataset, "train")
     where = f"partition {node.partition_id} of {node.num_partitions}"
     config_key = (dataset, fingerprint, partitioner, node.num_partitions, alpha, seed)
-    rows = torch.from_numpy(_partition_rows(config_key, node.partition_id, len(full))) \
-        if node.num_partitions <= len(full) else torch.empty(0, dtype=torch.int64)
+    if node.num_partitions > len(full):
+        rows = torch.empty(0, dtype=torch.int64)  # too thin for the partitioner to even shard
+    else:
+        rows = torch.from_numpy(_partition_rows(config_key, node.partition_id, len(full)))
     if len(rows) == 0:
         raise DataError(
             f"{where} is empty ({len(full)} training samples for {node.num_partitions} nodes); "
