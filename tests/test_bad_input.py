@@ -1,0 +1,180 @@
+"""Bad input stops a run before training with one line naming the key or file, the value and the fix.
+
+The table drives each case through the layer that must catch it; the end-to-end cases show the
+same messages reach a real `flwr run .`: one ERROR line, status "failed", no traceback, no hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_NODES, encode_image, make_parquet_dataset, run_flwr, write_parquet_split
+from fedcifar_app.config import ConfigError, NodeData, RunConfig
+from fedcifar_app.data import DataError, check_dataset, load_node_data, load_split
+from fedcifar_app.results import Checkpoint, create_run_folder
+from fedcifar_app.strategy import RunAborted, wait_for_nodes
+
+USER_ERRORS = (ConfigError, DataError, RunAborted)
+
+
+class FixedGrid:
+    """Only what wait_for_nodes reads from a Grid: the connected node ids."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def get_node_ids(self):
+        return list(range(1, self.count + 1))
+
+
+def config(**values) -> RunConfig:
+    return RunConfig.from_run_config(values)
+
+
+def corrupt_parquet(root: Path) -> Path:
+    make_parquet_dataset(root, n_train=20, n_test=10)
+    (root / "train-00000-of-00001.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    return root
+
+
+def wrong_columns(root: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True)
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"image": [b"x"], "target": [1]}), root / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+def images_of(root: Path, pixels: np.ndarray, labels: list[int]) -> Path:
+    for split in ("train", "test"):
+        write_parquet_split(root / f"{split}-00000-of-00001.parquet", [encode_image(p) for p in pixels], labels)
+    return root
+
+
+def without_test_split(root: Path) -> Path:
+    make_parquet_dataset(root, n_train=10, n_test=10)
+    (root / "test-00000-of-00001.parquet").unlink()
+    return root
+
+
+def foreign_checkpoint(root: Path) -> Path:
+    root.mkdir(parents=True)
+    weights = {"fc.weight": torch.zeros(3, 5), "fc.bias": torch.zeros(3)}
+    torch.save({"round": 1, "weights": weights, "metrics": [], "best-accuracy": 0.1, "run-config": {}},
+               root / "checkpoint.pt")
+    return root
+
+
+CASES: list[tuple[str, Callable[[Path], object], tuple[str, ...]]] = [
+    ("unknown partitioner", lambda t: config(partitioner="shards"), ("partitioner='shards'", "'iid', 'dirichlet'")),
+    ("alpha zero", lambda t: config(**{"dirichlet-alpha": 0.0}), ("dirichlet-alpha=0.0", "> 0")),
+    ("alpha negative", lambda t: config(**{"dirichlet-alpha": -1.0}), ("dirichlet-alpha=-1.0", "> 0")),
+    ("fraction-train 0", lambda t: config(**{"fraction-train": 0.0}), ("fraction-train=0.0", "(0, 1]")),
+    ("fraction-evaluate > 1", lambda t: config(**{"fraction-evaluate": 1.2}), ("fraction-evaluate=1.2", "(0, 1]")),
+    ("rounds < 1", lambda t: config(**{"num-server-rounds": 0}), ("num-server-rounds=0", ">= 1")),
+    ("batch size < 1", lambda t: config(**{"batch-size": 0}), ("batch-size=0", ">= 1")),
+    ("learning rate <= 0", lambda t: config(**{"learning-rate": 0.0}), ("learning-rate=0.0", "> 0")),
+    ("val-fraction 1", lambda t: config(**{"val-fraction": 1.0}), ("val-fraction=1.0", "(0, 1)")),
+    ("wrong type", lambda t: config(**{"local-epochs": "two"}), ("local-epochs='two'", "integer")),
+    ("unknown key", lambda t: config(**{"rounds": 3}), ("rounds", "allowed keys")),
+    ("min nodes > available", lambda t: config(**{"min-train-nodes": 12}), ("min-available-nodes=10", "min-train-nodes (12)")),
+    ("dataset path missing", lambda t: check_dataset(str(t / "nope")), ("dataset=", "no such folder")),
+    ("dataset is a file", lambda t: check_dataset(str(Path(__file__))), ("is a file", "folder")),
+    ("no test split", lambda t: check_dataset(str(without_test_split(t / "d"))), ("no 'test' split",)),
+    ("missing img/label columns", lambda t: load_split(str(wrong_columns(t / "d")), "train"),
+     ("lacks column(s) img, label", "uoft-cs/cifar10")),
+    ("images not 32x32", lambda t: load_split(str(images_of(
+        t / "d", np.zeros((4, 28, 28, 3), np.uint8), [0, 1, 2, 3])), "train"), ("28x28", "32x32 RGB")),
+    ("grayscale images", lambda t: load_split(str(images_of(
+        t / "d", np.zeros((4, 32, 32, 1), np.uint8), [0, 1, 2, 3])), "train"), ("1 channel", "32x32 RGB")),
+    ("labels outside 0..9", lambda t: load_split(str(make_parquet_dataset(t / "d", 20, 10, label_offset=1)), "train"),
+     ("label 10", "outside 0..9")),
+    ("corrupt parquet", lambda t: load_split(str(corrupt_parquet(t / "d")), "train"),
+     ("cannot read", "train-00000-of-00001.parquet", "replace")),
+    ("too many partitions", lambda t: load_node_data(config(dataset="synthetic"), NodeData(2999, 3000)),
+     ("partition 2999 of 3000", "fewer nodes")),
+    ("dirichlet leaves a node empty", lambda t: load_node_data(
+        config(dataset="synthetic", partitioner="dirichlet", **{"dirichlet-alpha": 0.001}), NodeData(0, 500)),
+     ("dirichlet-alpha=0.001", "500 nodes", "raise dirichlet-alpha")),
+    ("node config without partition", lambda t: NodeData.from_node_config({"partition": 1}),
+     ("partition-id and num-partitions, or data-path", "--node-config")),
+    ("resume-from not a run folder", lambda t: Checkpoint.load(t), ("resume-from=", "not a run folder")),
+    ("resume-from another model", lambda t: Checkpoint.load(foreign_checkpoint(t / "run")),
+     ("resume-from=", "another shape")),
+    ("output-dir not writable", lambda t: create_run_folder((t / "file").touch() or t / "file" / "out"),
+     ("output-dir=", "cannot be written")),
+    ("fewer simulated nodes than needed", lambda t: wait_for_nodes(FixedGrid(3), 10, 60, simulation=True),
+     ("3 SuperNodes", "needs 10", "options.num-supernodes")),
+    ("nodes never arrive", lambda t: wait_for_nodes(FixedGrid(1), 2, 0.5, simulation=False),
+     ("only 1 of the 2", "node-wait-timeout=0.5s")),
+]
+
+
+@pytest.mark.parametrize("name, trigger, fragments", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_that_names_the_problem_and_the_fix(tmp_path, name, trigger, fragments):
+    with pytest.raises(USER_ERRORS) as caught:
+        trigger(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_there_are_at_least_fifteen_cases():
+    assert len(CASES) >= 15
+
+
+def folder_digest(folder: Path) -> str:
+    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+
+
+def tiny_dataset(root: Path) -> Path:
+    """Four training images for three nodes: two partitions hold one sample, too few to split."""
+    return make_parquet_dataset(root, n_train=4, n_test=10)
+
+
+E2E_CASES = [  # (name, run-config override, expected message, number of simulated SuperNodes)
+    ("bad partitioner", lambda t: "partitioner='shards'", "partitioner='shards' is not allowed", 3),
+    ("missing dataset", lambda t: f"dataset='{t}/missing'", "no such folder", 3),
+    ("labels out of range", lambda t: f"dataset='{make_parquet_dataset(t / 'd', 20, 10, label_offset=1)}'",
+     "outside 0..9", 3),
+    ("partitions too small", lambda t: f"dataset='{tiny_dataset(t / 'd')}'", "too few to split", 3),
+    ("more nodes needed than simulated", lambda t: "", "simulated federation has 2 SuperNodes", 2),
+    ("resume from a non-run folder", lambda t: f"resume-from='{t}'", "not a run folder", 3),
+]
+
+
+@pytest.mark.parametrize("name, make_override, expected, supernodes", E2E_CASES, ids=[c[0] for c in E2E_CASES])
+def test_flwr_run_fails_fast_with_one_error_line_and_a_failed_status(
+    tmp_path, flwr_env, name, make_override, expected, supernodes
+):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    override = make_override(inputs)
+    before = folder_digest(inputs)
+    dataset = "" if override.startswith("dataset=") else "dataset='synthetic'"
+    run = run_flwr(tmp_path / "out", f"{dataset} {SMALL_NODES} {override}", env=flwr_env, timeout=180,
+                   federation_config=f"options.num-supernodes={supernodes}")
+    error_lines = [line for line in run.output.splitlines() if "ERROR" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0], run.output[-3000:]
+    assert "Traceback" not in run.output
+    assert run.status["status"] == "failed" and expected in run.status["reason"]
+    assert not (run.run_folder / "metrics.json").exists() or run.metrics == []  # nothing trained
+    assert folder_digest(inputs) == before  # inputs, a resumed folder included, are never touched
+
+
+def test_unwritable_output_dir_fails_with_one_line(tmp_path, flwr_env):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    run = run_flwr(blocker / "out", "dataset='synthetic' " + SMALL_NODES, env=flwr_env, timeout=180)
+    error_lines = [line for line in run.output.splitlines() if "ERROR" in line]
+    assert len(error_lines) == 1 and "cannot be written" in error_lines[0], run.output[-3000:]
+    assert blocker.read_text() == "a file where a folder should be"
