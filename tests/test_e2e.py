@@ -35,6 +35,8 @@ def test_synthetic_run_learns_and_writes_its_run_folder(tmp_path, flwr_env):
     assert metrics[-1]["central-accuracy"] > metrics[0]["central-accuracy"] + 0.2
     assert "Data check: 3 nodes ready" in run.output and "Results per round" in run.output
     assert "Traceback" not in run.output
+    assert list((tmp_path / "out").iterdir()) == [run.run_folder]  # nothing written beside the run folder
+    assert not any(p.name.endswith(".tmp") for p in run.run_folder.iterdir())  # no half-written files left
 
 
 def test_parquet_folder_run_with_dirichlet_partitions(tmp_path, flwr_env):

@@ -1,0 +1,75 @@
+"""Safe files: atomic writes, unique run folders, checkpoints that load without pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
+
+import pytest
+import torch
+
+from fedcifar_app.config import ConfigError, RunConfig
+from fedcifar_app.model import new_model
+from fedcifar_app.results import (
+    CHECKPOINT, Checkpoint, RunRecorder, atomic_write_json, create_run_folder, summary_table,
+)
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        folders = list(pool.map(lambda _: create_run_folder(tmp_path), range(24)))
+    assert len(set(folders)) == 24 and all(f.is_dir() and f.parent == tmp_path for f in folders)
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_debris(tmp_path):
+    target = tmp_path / "metrics.json"
+    atomic_write_json(target, [{"round": 0}])
+    with mock.patch("os.replace", side_effect=OSError("disk full")), pytest.raises(OSError):
+        atomic_write_json(target, [{"round": 0}, {"round": 1}])
+    assert json.loads(target.read_text()) == [{"round": 0}]
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_recorder_checkpoints_every_round_and_resume_reads_it_back(tmp_path):
+    config = RunConfig(dataset="synthetic")
+    recorder = RunRecorder.start(tmp_path, config, resumed=None)
+    weights = {k: v.clone() for k, v in new_model(0).state_dict().items()}
+    recorder.finish_round(0, 2.3, 0.10, weights)
+    recorder.record({"train-loss": 1.5, "eval-loss": 1.4, "eval-accuracy": 0.4})
+    recorder.finish_round(1, 1.2, 0.55, weights)
+    checkpoint = Checkpoint.load(tmp_path)
+    assert checkpoint.round == 1 and checkpoint.best_accuracy == 0.55
+    assert [row["round"] for row in checkpoint.metrics] == [0, 1]
+    assert checkpoint.metrics[1]["eval-accuracy"] == 0.4 and checkpoint.metrics[0]["train-loss"] is None
+    (tmp_path / "next").mkdir()
+    resumed = RunRecorder.start(tmp_path / "next", config, resumed=checkpoint)
+    assert resumed.round_offset == 1 and resumed.to_global(1) == 2
+    assert json.loads((tmp_path / "next" / "metrics.json").read_text()) == checkpoint.metrics
+    assert "0.5500" in summary_table(checkpoint.metrics)
+
+
+def test_resume_refuses_a_different_experiment_or_no_rounds_left(tmp_path):
+    recorder = RunRecorder.start(tmp_path, RunConfig(dataset="synthetic"), resumed=None)
+    for round_number in (0, 1, 2):
+        recorder.finish_round(round_number, 2.3, 0.1, new_model(0).state_dict())
+    checkpoint = Checkpoint.load(tmp_path)
+    with pytest.raises(ConfigError, match="seed=7 differs from the resumed run's seed=42"):
+        checkpoint.check_compatible(RunConfig(dataset="synthetic", seed=7))
+    with pytest.raises(ConfigError, match="already completed round 2: pass num-server-rounds greater than 2"):
+        checkpoint.check_compatible(RunConfig(dataset="synthetic", num_server_rounds=2))
+    checkpoint.check_compatible(RunConfig(dataset="synthetic", num_server_rounds=3, learning_rate=0.01))
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/fedcifar-pwned",))
+
+
+def test_checkpoints_load_with_weights_only_so_pickled_code_never_runs(tmp_path):
+    torch.save({"round": 1, "weights": Exploit(), "metrics": [], "best-accuracy": 0.0, "run-config": {}},
+               tmp_path / CHECKPOINT)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        Checkpoint.load(tmp_path)
+    assert not os.path.exists("/tmp/fedcifar-pwned")
