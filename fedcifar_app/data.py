@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,41 +170,97 @@ def _fingerprint(source: DataSource, split: str, key: str) -> str:
 
 # --------------------------------------------------------------------------- decoding
 
+DECODE_CHUNK = 2048  # images per decode task: amortises the per-call work, stays in the CPU cache
+DECODE_THREADS_MAX = 4  # the decoders release the GIL; more threads than this gain nothing on 32x32 images
+
 
 def decode_images(encoded: Sequence[bytes], where: str) -> np.ndarray:
-    """Decode JPEG/PNG bytes to uint8 [N, 3, 32, 32], JPEGs in one batched call.
+    """Decode JPEG/PNG bytes to uint8 [N, 3, 32, 32].
 
     Anything that is not a 32x32 RGB image is an error naming its row.
     """
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    packed = np.frombuffer(bytearray().join(encoded), dtype=np.uint8)
     out = np.empty((len(encoded), *IMAGE_SHAPE), dtype=np.uint8)
-    tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in encoded]
-    jpeg_rows = [i for i, b in enumerate(encoded) if b[:2] == b"\xff\xd8"]
-    other_rows = [i for i, b in enumerate(encoded) if b[:2] != b"\xff\xd8"]
-    decoded: dict[int, torch.Tensor] = {}
-    try:
-        if jpeg_rows:
-            decoded.update(
-                zip(jpeg_rows, decode_jpeg([tensors[i] for i in jpeg_rows], mode=ImageReadMode.UNCHANGED))
-            )
-    except RuntimeError:
-        jpeg_rows, other_rows = [], list(range(len(encoded)))  # find the bad row one by one below
-    for row in other_rows:
-        try:
-            decoded[row] = decode_image(tensors[row], mode=ImageReadMode.UNCHANGED)
-        except RuntimeError as err:
-            raise DataError(f"{where}: row {row} is not a readable image ({err}); replace or remove it") from None
-    for row in range(len(encoded)):
-        image = decoded[row]
-        if tuple(image.shape) != IMAGE_SHAPE:
-            c, h, w = image.shape
-            raise DataError(
-                f"{where}: row {row} is a {h}x{w} image with {c} channel(s); "
-                "this app needs 32x32 RGB images (CIFAR-10 shaped)"
-            )
-        out[row] = image.numpy()
+    _decode_packed(packed, offsets, out, where)
     return out
+
+
+def _decode_threads() -> int:
+    """Threads for a cold decode: the cores this process may use (a Ray actor's other
+    processes wait on the cache lock meanwhile), at most DECODE_THREADS_MAX."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, DECODE_THREADS_MAX))
+
+
+def _decode_packed(packed: np.ndarray, offsets: np.ndarray, out: np.ndarray, where: str) -> None:
+    """Decode row i = ``packed[offsets[i]:offsets[i + 1]]`` into ``out[i]`` (uint8 [N, 3, 32, 32]).
+
+    No per-row Python objects beyond one tensor view each: the encoded bytes stay in one
+    buffer, JPEG chunks go through torchvision's batched decoder in a few threads, and each
+    chunk is stacked straight into its slice of ``out`` (which may be the cache file itself).
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    n = len(offsets) - 1
+    if n == 0:
+        return
+    lengths = np.diff(offsets)
+    heads = offsets[:-1][lengths >= 2]
+    is_jpeg = np.zeros(n, dtype=bool)
+    is_jpeg[lengths >= 2] = (packed[heads] == 0xFF) & (packed[heads + 1] == 0xD8)
+    flat = torch.from_numpy(packed[offsets[0] : offsets[-1]])
+    pieces = torch.split(flat, lengths.tolist())
+    target = torch.from_numpy(out)
+
+    def decode_chunk(start: int) -> None:
+        stop = min(start + DECODE_CHUNK, n)
+        chunk = list(pieces[start:stop])
+        images = None
+        if is_jpeg[start:stop].all():
+            try:
+                images = decode_jpeg(chunk, mode=ImageReadMode.UNCHANGED)
+            except RuntimeError:
+                images = None  # find the bad row one by one below
+        if images is None:
+            images = [_decode_one(piece, start + i, where) for i, piece in enumerate(chunk)]
+        for i, image in enumerate(images):
+            if image.shape != IMAGE_SHAPE:
+                c, h, w = image.shape
+                raise DataError(
+                    f"{where}: row {start + i} is a {h}x{w} image with {c} channel(s); "
+                    "this app needs 32x32 RGB images (CIFAR-10 shaped)"
+                )
+        torch.stack(images, out=target[start:stop])
+
+    starts = range(0, n, DECODE_CHUNK)
+    threads = min(_decode_threads(), len(starts))
+    if threads == 1:
+        for start in starts:
+            decode_chunk(start)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="fedcifar-decode")
+    try:
+        for future in [pool.submit(decode_chunk, start) for start in starts]:
+            future.result()  # in row order, so the first bad row is the one reported
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_one(piece: torch.Tensor, row: int, where: str) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(piece, mode=ImageReadMode.UNCHANGED)
+    except (RuntimeError, ValueError) as err:
+        raise DataError(f"{where}: row {row} is not a readable image ({err}); replace or remove it") from None
 
 
 def _check_labels(labels: np.ndarray, where: str) -> np.ndarray:
@@ -217,10 +273,56 @@ def _check_labels(labels: np.ndarray, where: str) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _read_parquet_split(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+Allocate = Callable[[int], np.ndarray]
+
+
+def _allocate_in_memory(rows: int) -> np.ndarray:
+    return np.empty((rows, *IMAGE_SHAPE), dtype=np.uint8)
+
+
+def _packed_images(table, file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The 'img' column as one byte buffer plus row offsets, straight from Arrow's buffers."""
+    import pyarrow as pa
+
+    not_images = DataError(f"{file}: column 'img' does not hold encoded images (JPEG/PNG bytes)")
+    column = table.column("img").combine_chunks()
+    try:
+        values = column.field("bytes") if pa.types.is_struct(column.type) else column
+    except KeyError:
+        raise not_images from None
+    if column.null_count or values.null_count:
+        raise not_images
+    if pa.types.is_binary(values.type) or pa.types.is_large_binary(values.type):
+        offset_type = np.int32 if pa.types.is_binary(values.type) else np.int64
+        _, offsets_buffer, data_buffer = values.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[values.offset : values.offset + len(values) + 1]
+        offsets = offsets.astype(np.int64)
+        data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
+        packed = data[offsets[0] : offsets[-1]].copy()  # writable, and the table can go
+        return packed, offsets - offsets[0]
+    encoded = values.to_pylist()  # other binary layouts (views, fixed size): the slow general way
+    if not all(isinstance(b, bytes) for b in encoded):
+        raise not_images
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.frombuffer(bytearray().join(encoded), dtype=np.uint8), offsets
+
+
+def _label_array(table) -> np.ndarray:
+    import pyarrow as pa
+
+    column = table.column("label")
+    if column.null_count == 0 and pa.types.is_integer(column.type):
+        return column.to_numpy()
+    return np.asarray(column.to_pylist())
+
+
+def _read_parquet_split(files: list[Path], allocate: Allocate = _allocate_in_memory) -> tuple[np.ndarray, np.ndarray]:
+    """Every file of a split decoded into one array from ``allocate`` (which may map the cache file)."""
     import pyarrow.parquet as pq
 
-    images, labels = [], []
+    tables = []
     for file in files:
         try:
             table = pq.read_table(file)
@@ -232,16 +334,17 @@ def _read_parquet_split(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
                 f"{file} lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names)}): "
                 "this app needs 'img' (image bytes) and 'label' (0..9), the uoft-cs/cifar10 schema"
             )
-        column = table.column("img").combine_chunks()
-        try:
-            encoded = column.field("bytes").to_pylist() if hasattr(column, "field") else column.to_pylist()
-            if not all(isinstance(b, bytes) for b in encoded):
-                raise TypeError
-        except (TypeError, KeyError):
-            raise DataError(f"{file}: column 'img' does not hold encoded images (JPEG/PNG bytes)") from None
-        images.append(decode_images(encoded, str(file)))
-        labels.append(_check_labels(np.asarray(table.column("label").to_pylist()), str(file)))
-    return np.concatenate(images), np.concatenate(labels)
+        tables.append(table)
+    images = allocate(sum(table.num_rows for table in tables))
+    labels, start = [], 0
+    for index, file in enumerate(files):
+        table, tables[index] = tables[index], None  # each table goes once its bytes are packed
+        packed, offsets = _packed_images(table, file)
+        rows = len(offsets) - 1
+        _decode_packed(packed, offsets, images[start : start + rows], str(file))
+        labels.append(_check_labels(_label_array(table), str(file)))
+        start += rows
+    return images, np.concatenate(labels) if labels else np.empty(0, dtype=np.int64)
 
 
 def _read_image_folder_split(root: Path, files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -326,11 +429,13 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _decode_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+def _decode_split(
+    source: DataSource, split: str, key: str, allocate: Allocate = _allocate_in_memory
+) -> tuple[np.ndarray, np.ndarray]:
     if isinstance(source, SyntheticDataset):
         return synthetic_split(split)
     if isinstance(source, LocalFolder) and source.kind == "parquet":
-        return _read_parquet_split(_split_files(source, split))
+        return _read_parquet_split(_split_files(source, split), allocate)
     if isinstance(source, LocalFolder) and source.kind == "imagefolder":
         return _read_image_folder_split(source.path, _split_files(source, split))
     return _read_hf_split(source, split, key)
@@ -359,12 +464,25 @@ def _cached_arrays(source: DataSource, split: str, key: str, fingerprint: str) -
 
 
 def _write_entry(entry: Path, source: DataSource, split: str, key: str) -> None:
-    """Decode and write to a temporary folder, then rename: readers never see half an entry."""
-    images, labels = _decode_split(source, split, key)
+    """Decode and write to a temporary folder, then rename: readers never see half an entry.
+
+    Parquet splits decode straight into the memory-mapped ``images.npy`` (no second copy
+    of the split in memory, no separate write pass); the other sources are saved after.
+    """
     entry.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    images_path = staging / "images.npy"
+
+    def allocate_in_file(rows: int) -> np.ndarray:
+        if rows == 0:
+            return _allocate_in_memory(0)
+        return np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(rows, *IMAGE_SHAPE))
+
     try:
-        np.save(staging / "images.npy", images)
+        images, labels = _decode_split(source, split, key, allocate_in_file)
+        if not isinstance(images, np.memmap):
+            np.save(images_path, images)
+        del images  # unmaps; the page cache holds the data for the readers that follow
         np.save(staging / "labels.npy", labels)
         described = source.hub_id if isinstance(source, HubDataset) else str(getattr(source, "path", source))
         (staging / "meta.json").write_text(

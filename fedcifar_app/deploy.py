@@ -317,31 +317,43 @@ def log_hint(log_path: Path) -> str:
     return hint if len(hint) <= 200 else hint[:197] + "..."
 
 
-def wait_until_ready(
-    process: subprocess.Popen[bytes],
-    name: str,
-    log_path: Path,
-    is_ready: Callable[[], bool],
-    what: str,
-    timeout_s: float,
-) -> None:
-    """Poll `is_ready` until true; fail at once if the process dies, or at timeout."""
+@dataclass
+class ReadinessCheck:
+    """A started process and the condition that means it is up."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    is_ready: Callable[[], bool]
+    what: str  # the condition in words, for the error message
+
+
+def wait_until_ready(checks: Sequence[ReadinessCheck], timeout_s: float) -> None:
+    """Poll every check until all hold; fail at once if a process dies, or at timeout.
+
+    All processes share one deadline, so N SuperNodes come up in parallel.
+    """
     deadline = time.monotonic() + timeout_s
-    while True:
-        exit_code = process.poll()
-        if exit_code is not None:
-            hint = log_hint(log_path)
+    pending = list(checks)
+    while pending:
+        for check in list(pending):
+            exit_code = check.process.poll()
+            if exit_code is not None:
+                hint = log_hint(check.log_path)
+                raise DeployError(
+                    f"{check.name} exited with code {exit_code} before {check.what}; "
+                    f"read {check.log_path}" + (f" (log says: {hint})" if hint else "")
+                )
+            if check.is_ready():
+                pending.remove(check)
+        if pending and time.monotonic() > deadline:
+            check = pending[0]
             raise DeployError(
-                f"{name} exited with code {exit_code} before {what}; read {log_path}"
-                + (f" (log says: {hint})" if hint else "")
+                f"{check.name} did not come up ({check.what}) within {timeout_s:g} s; "
+                f"read {check.log_path}"
             )
-        if is_ready():
-            return
-        if time.monotonic() > deadline:
-            raise DeployError(
-                f"{name} did not come up ({what}) within {timeout_s:g} s; read {log_path}"
-            )
-        time.sleep(POLL_INTERVAL_S)
+        if pending:
+            time.sleep(POLL_INTERVAL_S)
 
 
 def port_accepts(host: str, port: int) -> bool:
@@ -594,33 +606,46 @@ def _json_from_cli_output(text: str) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def register_node_key(
-    public_key: Path, control_project: Path, env: dict[str, str], timeout_s: float
-) -> str:
-    """Register a SuperNode public key with the SuperLink; returns its node id.
+def register_node_keys(
+    public_keys: Sequence[Path], control_project: Path, env: dict[str, str], timeout_s: float
+) -> list[str]:
+    """Register SuperNode public keys with the SuperLink (in parallel); their node ids.
 
     `flwr supernode register` exits 0 even when it fails (1.25 prints the error
     and returns), so success is read from its JSON answer.
     """
-    command = [
-        flower_executable("flwr"), "supernode", "register", str(public_key),
-        str(control_project), CONTROL_FEDERATION, "--format", "json",
-    ]
-    try:
-        result = subprocess.run(
-            command, capture_output=True, text=True, env=env, timeout=timeout_s,
-            check=False, stdin=subprocess.DEVNULL,
+    registrations = []
+    for public_key in public_keys:
+        command = [
+            flower_executable("flwr"), "supernode", "register", str(public_key),
+            str(control_project), CONTROL_FEDERATION, "--format", "json",
+        ]
+        registrations.append(
+            (public_key, subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, env=env,
+            ))
         )
-    except subprocess.TimeoutExpired as err:
-        raise DeployError(
-            f"`flwr supernode register {public_key}` did not answer in {timeout_s:.0f} s"
-        ) from err
-    answer = _json_from_cli_output(result.stdout)
-    if not answer or not answer.get("success"):
-        detail = (answer or {}).get("error-message") or (result.stdout + result.stderr)
+    deadline = time.monotonic() + timeout_s
+    node_ids, failure = [], None
+    for public_key, process in registrations:
+        try:
+            stdout, stderr = process.communicate(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            failure = failure or f"`flwr supernode register {public_key}` did not answer in {timeout_s:g} s"
+            continue
+        answer = _json_from_cli_output(stdout)
+        if answer and answer.get("success"):
+            node_ids.append(str(answer.get("node-id", "")))
+            continue
+        detail = (answer or {}).get("error-message") or (stdout + stderr)
         detail = " ".join(ANSI_ESCAPE.sub("", str(detail)).split())[:300]
-        raise DeployError(f"registering {public_key} with the SuperLink failed: {detail}")
-    return str(answer.get("node-id", ""))
+        failure = failure or f"registering {public_key} with the SuperLink failed: {detail}"
+    if failure:
+        raise DeployError(failure)
+    return node_ids
 
 
 # --------------------------------------------------------------------------- #
@@ -736,6 +761,94 @@ def deployment_is_running(state: DeploymentState) -> bool:
     return any(live_session_members(record) for record in state.processes)
 
 
+@dataclass
+class Launcher:
+    """Starts processes for one `up` and records each in the state file at once,
+    so `down` can end it even if `up` itself dies a moment later."""
+
+    state: DeploymentState
+    logs: Path
+    working_directory: Path
+    started: list[ManagedProcess] = field(default_factory=list)
+
+    def launch(
+        self, name: str, command: list[str], env: dict[str, str], address: str,
+        node_config: str = "",
+    ) -> subprocess.Popen[bytes]:
+        """Start `command` as `name`, logging to logs/<name>.log."""
+        log_path = self.logs / f"{name}.log"
+        process = start_process(name, command, log_path, self.working_directory, env)
+        self.started.append(ManagedProcess(
+            name=name, pid=process.pid, start_ticks=process_start_ticks(process.pid),
+            log=str(log_path), command=command, address=address, node_config=node_config,
+        ))
+        self.state.processes = list(self.started)
+        save_state(self.state)
+        return process
+
+
+def start_superlink(
+    launcher: Launcher, ports: SuperLinkPorts, host: str, tls: TlsFiles | None,
+    enable_auth: bool, env: dict[str, str], timeout_s: float,
+) -> None:
+    """Start the SuperLink and wait until its three APIs accept connections."""
+    state = launcher.state
+    process = launcher.launch(
+        "superlink", superlink_command(ports, host, tls, enable_auth), env,
+        address=f"Fleet {state.fleet_address}, Control {state.control_address}",
+    )
+    endpoints = [state.serverappio_address, state.fleet_address, state.control_address]
+
+    def all_ports_accept() -> bool:
+        return all(port_accepts(*split_address(endpoint)) for endpoint in endpoints)
+
+    wait_until_ready(
+        [ReadinessCheck(
+            "superlink", process, launcher.logs / "superlink.log", all_ports_accept,
+            f"ports {ports.serverappio}, {ports.fleet}, {ports.control} accepting connections",
+        )],
+        timeout_s,
+    )
+
+
+def start_supernodes(
+    launcher: Launcher, node_configs_: Sequence[str], clientappio_ports: Sequence[int],
+    tls: TlsFiles | None, private_keys: Sequence[Path | None], args: argparse.Namespace,
+) -> None:
+    """Start all SuperNodes, then wait until each one is accepted by the SuperLink."""
+    checks = []
+    for index, (config, port, private_key) in enumerate(
+        zip(node_configs_, clientappio_ports, private_keys)
+    ):
+        name = f"supernode-{index}"
+        command = supernode_command(
+            launcher.state.fleet_address, f"127.0.0.1:{port}", config,
+            tls.ca_certificate if tls else None, private_key,
+            args.supernode_max_retries, args.supernode_max_wait_time,
+        )
+        flower_home = Path(launcher.state.directory) / "flwr-home" / name
+        process = launcher.launch(
+            name, command, child_environment(flower_home),
+            address=f"ClientAppIo 127.0.0.1:{port}", node_config=config,
+        )
+        log_path = launcher.logs / f"{name}.log"
+        checks.append(ReadinessCheck(
+            name, process, log_path,
+            lambda log_path=log_path, port=port: (
+                log_contains(log_path, SUPERNODE_CONNECTED_MARKER)
+                and port_accepts("127.0.0.1", port)
+            ),
+            "connecting to the SuperLink",
+        ))
+    wait_until_ready(checks, args.ready_timeout)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" -> (host, port)."""
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
 def bring_up(args: argparse.Namespace) -> DeploymentState:
     """Start SuperLink and SuperNodes; on any failure stop them all and raise."""
     deploy_dir = Path(args.dir).expanduser().resolve()
@@ -746,7 +859,6 @@ def bring_up(args: argparse.Namespace) -> DeploymentState:
             f"a deployment from {deploy_dir} is still running; "
             f"run `fedcifar-deploy down --dir {args.dir}` first"
         )
-
     if args.auth and not args.tls:
         raise DeployError("--auth needs --tls: Flower allows SuperNode authentication only over TLS")
     if args.nodes < 0:
@@ -760,97 +872,45 @@ def bring_up(args: argparse.Namespace) -> DeploymentState:
     check_ports_free("127.0.0.1", [ports.serverappio, *clientappio_ports])
     check_ports_free(args.host, [ports.fleet, ports.control])
 
+    # Fleet and Control may listen on all interfaces; this machine reaches them on loopback.
     reachable_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    fleet_address = f"{reachable_host}:{ports.fleet}"
-    control_address = f"{reachable_host}:{ports.control}"
-    tls = (
-        ensure_tls_files(deploy_dir / "certs", certificate_names(args.tls_san))
-        if args.tls
-        else None
-    )
-    logs = deploy_dir / "logs"
-    homes = deploy_dir / "flwr-home"
-    working_directory = Path.cwd()
+    tls = ensure_tls_files(deploy_dir / "certs", certificate_names(args.tls_san)) if args.tls else None
     state = DeploymentState(
         directory=str(deploy_dir),
         started_at=datetime.datetime.now().isoformat(timespec="seconds"),
-        working_directory=str(working_directory),
+        working_directory=str(Path.cwd()),
         tls=bool(args.tls),
         auth=bool(args.auth),
-        fleet_address=fleet_address,
-        control_address=control_address,
+        fleet_address=f"{reachable_host}:{ports.fleet}",
+        control_address=f"{reachable_host}:{ports.control}",
         serverappio_address=f"127.0.0.1:{ports.serverappio}",
         ca_certificate=str(tls.ca_certificate) if tls else "",
     )
-    started: list[ManagedProcess] = []
-
-    def launch(name: str, command: list[str], env: dict[str, str], **details: str):
-        process = start_process(name, command, logs / f"{name}.log", working_directory, env)
-        record = ManagedProcess(
-            name=name, pid=process.pid, start_ticks=process_start_ticks(process.pid),
-            log=str(logs / f"{name}.log"), command=command, **details,
-        )
-        started.append(record)
-        state.processes = list(started)
-        save_state(state)  # recorded at once: `down` can end it even if `up` dies now
-        return process
-
+    launcher = Launcher(state, deploy_dir / "logs", Path.cwd())
+    superlink_env = child_environment(deploy_dir / "flwr-home" / "superlink")
     try:
-        superlink_env = child_environment(homes / "superlink")
-        superlink = launch(
-            "superlink",
-            superlink_command(ports, args.host, tls, args.auth),
-            superlink_env,
-            address=f"Fleet {fleet_address}, Control {control_address}",
-        )
-        wait_until_ready(
-            superlink, "superlink", logs / "superlink.log",
-            lambda: all(
-                port_accepts(reachable_host if port != ports.serverappio else "127.0.0.1", port)
-                for port in (ports.serverappio, ports.fleet, ports.control)
-            ),
-            f"ports {ports.serverappio}, {ports.fleet}, {ports.control} accepting connections",
-            args.ready_timeout,
-        )
+        start_superlink(launcher, ports, args.host, tls, args.auth, superlink_env, args.ready_timeout)
         control_project = write_control_project(
-            deploy_dir / "control", control_address, tls.ca_certificate if tls else None
+            deploy_dir / "control", state.control_address, tls.ca_certificate if tls else None
         )
         state.control_project = str(control_project)
         save_state(state)
 
-        for index, (config, clientappio_port) in enumerate(zip(configs, clientappio_ports)):
-            name = f"supernode-{index}"
-            private_key = None
-            if args.auth:
-                private_key, public_key = ensure_node_key(deploy_dir / "keys", name)
-                register_node_key(public_key, control_project, superlink_env, args.ready_timeout)
-            supernode = launch(
-                name,
-                supernode_command(
-                    fleet_address,
-                    f"127.0.0.1:{clientappio_port}",
-                    config,
-                    tls.ca_certificate if tls else None,
-                    private_key,
-                    args.supernode_max_retries,
-                    args.supernode_max_wait_time,
-                ),
-                child_environment(homes / name),
-                address=f"ClientAppIo 127.0.0.1:{clientappio_port}",
-                node_config=config,
-            )
-            node_log = logs / f"{name}.log"
-            wait_until_ready(
-                supernode, name, node_log,
-                lambda log=node_log, port=clientappio_port: (
-                    log_contains(log, SUPERNODE_CONNECTED_MARKER)
-                    and port_accepts("127.0.0.1", port)
-                ),
-                "connecting to the SuperLink",
+        private_keys: list[Path | None] = [None] * args.nodes
+        if args.auth:
+            key_pairs = [
+                ensure_node_key(deploy_dir / "keys", f"supernode-{index}")
+                for index in range(args.nodes)
+            ]
+            private_keys = [private for private, _ in key_pairs]
+            # Registered before the SuperNodes start: the SuperLink refuses unknown keys.
+            register_node_keys(
+                [public for _, public in key_pairs], control_project, superlink_env,
                 args.ready_timeout,
             )
+        start_supernodes(launcher, configs, clientappio_ports, tls, private_keys, args)
     except BaseException:
-        stop_processes(list(reversed(started)), args.stop_grace)
+        stop_processes(list(reversed(launcher.started)), args.stop_grace)
         state_path(deploy_dir).unlink(missing_ok=True)
         raise
     return state
