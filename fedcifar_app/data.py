@@ -24,6 +24,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,12 @@ def _fingerprint(source: DataSource, split: str, key: str) -> str:
 
 DECODE_CHUNK = 2048  # images per decode task: amortises the per-call work, stays in the CPU cache
 DECODE_THREADS_MAX = 4  # the decoders release the GIL; more threads than this gain nothing on 32x32 images
+# torchvision 0.29 warns on every decode call that its decoders move to TorchCodec: thousands of
+# identical lines per run from every process. The decoders work; keep the logs readable.
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
 
 
 def decode_images(encoded: Sequence[bytes], where: str) -> np.ndarray:

@@ -1,0 +1,342 @@
+"""The decode-once cache: same pixels as decoding directly, keyed on everything that defines the data.
+
+Offline and fast: every test writes its own small parquet folder in the uoft-cs/cifar10 schema
+(``img`` = struct{bytes, path} holding JPEG or PNG bytes, ``label`` = int64) and its own cache
+folder (FEDCIFAR_CACHE_DIR under tmp_path). The reference decoder is PIL, which the
+torchvision decoders match bit for bit on these images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from fedcifar_app import data
+from fedcifar_app.config import NodeData, Partitioner, RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# torchvision 0.29 deprecates its decoders on every call (data.py filters it; pytest resets filters).
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+SUBPROCESS_TIMEOUT_S = 120
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def encode(image: np.ndarray, fmt: str) -> bytes:
+    """HWC uint8 -> JPEG or PNG bytes, as PIL writes them."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    return buffer.getvalue()
+
+
+def pil_decode(encoded: bytes) -> np.ndarray:
+    """The reference: PIL, to CHW uint8."""
+    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")).transpose(2, 0, 1)
+
+
+def make_rows(count: int, seed: int, png_every: int = 5) -> tuple[list[bytes], list[int]]:
+    """Distinct, class-dependent 32x32 images (so rows identify themselves), mostly JPEG, some PNG."""
+    rng = np.random.default_rng(seed)
+    encoded, labels = [], []
+    for row in range(count):
+        label = row % 10
+        image = np.clip(rng.normal(25 * label + 10, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
+        encoded.append(encode(image, "PNG" if row % png_every == png_every - 1 else "JPEG"))
+        labels.append(label)
+    return encoded, labels
+
+
+def write_parquet(path: Path, encoded: list[bytes], labels: list[int]) -> None:
+    """One parquet file in the uoft-cs/cifar10 schema."""
+    img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table(
+        {
+            "img": pa.array([{"bytes": b, "path": f"{i}.img"} for i, b in enumerate(encoded)], type=img_type),
+            "label": pa.array(labels, type=pa.int64()),
+        }
+    )
+    pq.write_table(table, path, row_group_size=64)
+
+
+@dataclasses.dataclass
+class Folder:
+    path: Path
+    train: tuple[list[bytes], list[int]]
+    test: tuple[list[bytes], list[int]]
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def make_dataset(root: Path, train_rows: int = 200, test_rows: int = 40, seed: int = 0) -> Folder:
+    """train in two files (train-0000{0,1}-of-00002.parquet), test in one."""
+    root.mkdir(parents=True, exist_ok=True)
+    train = make_rows(train_rows, seed)
+    test = make_rows(test_rows, seed + 1000)
+    half = train_rows // 2
+    write_parquet(root / "train-00000-of-00002.parquet", train[0][:half], train[1][:half])
+    write_parquet(root / "train-00001-of-00002.parquet", train[0][half:], train[1][half:])
+    write_parquet(root / "test-00000-of-00001.parquet", *test)
+    return Folder(root, train, test)
+
+
+def entries(cache: Path) -> list[Path]:
+    """Complete cache entries (a folder with meta.json)."""
+    return sorted(p for p in cache.glob("*") if (p / "meta.json").exists()) if cache.exists() else []
+
+
+def clear_process_caches() -> None:
+    for cached in (data._cached_arrays, data._partitioner, data._load_node_data):
+        cached.cache_clear()
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FEDCIFAR_CACHE_DIR", str(cache))
+    clear_process_caches()
+    yield cache
+    clear_process_caches()
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Folder:
+    return make_dataset(tmp_path / "cifar")
+
+
+# --------------------------------------------------------------------------- same pixels
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_cache_returns_exactly_the_pixels_pil_decodes(cache_dir: Path, dataset: Folder, split: str) -> None:
+    encoded, labels = getattr(dataset, split)
+    expected = np.stack([pil_decode(b) for b in encoded])
+
+    first = data.load_split(dataset.name, split)  # decodes and writes the entry
+    assert first.images.dtype == torch.uint8 and tuple(first.images.shape) == (len(encoded), 3, 32, 32)
+    np.testing.assert_array_equal(first.images.numpy(), expected)
+    np.testing.assert_array_equal(first.labels.numpy(), np.array(labels))
+    assert first.labels.dtype == torch.int64
+
+    clear_process_caches()  # as a new process would: read back from disk
+    again = data.load_split(dataset.name, split)
+    np.testing.assert_array_equal(again.images.numpy(), expected)
+    np.testing.assert_array_equal(again.labels.numpy(), np.array(labels))
+    assert len(entries(cache_dir)) == 1
+
+
+def test_chunked_threaded_decode_matches_pil_and_names_the_bad_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small chunks force many chunks across threads: same pixels, and errors name the global row."""
+    monkeypatch.setattr(data, "DECODE_CHUNK", 7)
+    monkeypatch.setattr(data, "_decode_threads", lambda: 3)
+    encoded, _ = make_rows(50, seed=3, png_every=4)
+    np.testing.assert_array_equal(data.decode_images(encoded, "here"), np.stack([pil_decode(b) for b in encoded]))
+
+    broken = list(encoded)
+    broken[23] = b"\xff\xd8 not really a jpeg"
+    with pytest.raises(data.DataError, match=r"here: row 23 is not a readable image"):
+        data.decode_images(broken, "here")
+    wrong_size = list(encoded)
+    wrong_size[31] = encode(np.zeros((16, 24, 3), np.uint8), "JPEG")
+    with pytest.raises(data.DataError, match=r"here: row 31 is a 16x24 image with 3 channel\(s\)"):
+        data.decode_images(wrong_size, "here")
+
+
+# --------------------------------------------------------------------------- keyed on the files
+
+
+def test_rewriting_a_file_makes_a_new_entry_and_never_serves_the_old_pixels(cache_dir: Path, dataset: Folder) -> None:
+    before = data.load_split(dataset.name, "test")
+    np.testing.assert_array_equal(before.images.numpy(), np.stack([pil_decode(b) for b in dataset.test[0]]))
+
+    new_encoded, new_labels = make_rows(len(dataset.test[0]), seed=777)
+    target = dataset.path / "test-00000-of-00001.parquet"
+    old_mtime = target.stat().st_mtime_ns
+    write_parquet(target, new_encoded, new_labels)
+    os.utime(target, ns=(old_mtime + 2_000_000_000, old_mtime + 2_000_000_000))  # even on coarse clocks
+
+    after = data.load_split(dataset.name, "test")  # same process: the lru cache must not hand back the old one
+    np.testing.assert_array_equal(after.images.numpy(), np.stack([pil_decode(b) for b in new_encoded]))
+    np.testing.assert_array_equal(after.labels.numpy(), np.array(new_labels))
+    assert len(entries(cache_dir)) == 2
+
+    # Node data built on the train split follows a train file's change too.
+    config = RunConfig(dataset=dataset.name, val_fraction=0.25)
+    node = NodeData(partition_id=0, num_partitions=2)
+    old_node = data.load_node_data(config, node)
+    train_file = dataset.path / "train-00001-of-00002.parquet"
+    replacement = make_rows(100, seed=555)
+    write_parquet(train_file, *replacement)
+    os.utime(train_file, ns=(old_mtime + 4_000_000_000,) * 2)
+    new_node = data.load_node_data(config, node)
+    clear_process_caches()
+    fresh = data.load_node_data(config, node)
+    assert not torch.equal(old_node.train.images, new_node.train.images)
+    assert torch.equal(new_node.train.images, fresh.train.images)
+    assert torch.equal(new_node.val.images, fresh.val.images)
+
+
+# --------------------------------------------------------------------------- keyed on the partition values
+
+BASE = dict(partitioner=Partitioner.DIRICHLET, dirichlet_alpha=0.5, seed=7, val_fraction=0.2)
+CHANGES = [
+    pytest.param({"partitioner": Partitioner.IID}, 3, id="partitioner"),
+    pytest.param({"dirichlet_alpha": 50.0}, 3, id="alpha"),
+    pytest.param({"seed": 8}, 3, id="seed"),
+    pytest.param({}, 4, id="num-partitions"),
+    pytest.param({"val_fraction": 0.4}, 3, id="val-fraction"),
+]
+
+
+def node_rows(splits: data.NodeSplits) -> tuple[bytes, bytes]:
+    """What a node holds, train and validation, as comparable bytes."""
+    return splits.train.images.numpy().tobytes(), splits.val.images.numpy().tobytes()
+
+
+@pytest.mark.parametrize(("change", "num_partitions"), CHANGES)
+def test_node_data_follows_every_defining_value_and_is_never_stale(
+    cache_dir: Path, dataset: Folder, change: dict, num_partitions: int
+) -> None:
+    config_a = RunConfig(dataset=dataset.name, **BASE)
+    config_b = dataclasses.replace(config_a, **change)
+    node_a = NodeData(partition_id=1, num_partitions=3)
+    node_b = NodeData(partition_id=1, num_partitions=num_partitions)
+
+    # Warm caches in the order a, b, a: each answer must equal a fresh computation.
+    got_a = node_rows(data.load_node_data(config_a, node_a))
+    got_b = node_rows(data.load_node_data(config_b, node_b))
+    got_a_again = node_rows(data.load_node_data(config_a, node_a))
+    clear_process_caches()
+    fresh_b = node_rows(data.load_node_data(config_b, node_b))
+    clear_process_caches()
+    fresh_a = node_rows(data.load_node_data(config_a, node_a))
+
+    assert got_a == fresh_a == got_a_again
+    assert got_b == fresh_b
+    assert got_a != got_b, f"changing {change or 'num-partitions'} must change the node's data"
+    assert len(entries(cache_dir)) == 1, "partition values must not re-decode the split"
+
+
+def test_partitions_cover_the_split_once(cache_dir: Path, dataset: Folder) -> None:
+    """IID partitions plus their validation splits are a partition of the train split."""
+    config = RunConfig(dataset=dataset.name, partitioner=Partitioner.IID, val_fraction=0.25, seed=3)
+    parts = [data.load_node_data(config, NodeData(partition_id=i, num_partitions=4)) for i in range(4)]
+    seen = [row.tobytes() for p in parts for split in (p.train, p.val) for row in split.images.numpy()]
+    whole = [row.tobytes() for row in data.load_split(dataset.name, "train").images.numpy()]
+    assert sorted(seen) == sorted(whole)
+
+
+# --------------------------------------------------------------------------- processes and the CLI
+
+CHILD = textwrap.dedent(
+    """
+    import hashlib, os, sys, time
+    from pathlib import Path
+    from fedcifar_app import data
+
+    count_file, ready, go = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+    original = data._decode_split
+
+    def counted(*args, **kwargs):
+        with open(count_file, "a") as handle:
+            handle.write(f"{os.getpid()}\\n")
+        time.sleep(0.5)  # widen the window in which the other process would decode too
+        return original(*args, **kwargs)
+
+    data._decode_split = counted
+    ready.touch()
+    deadline = time.monotonic() + 60
+    while not go.exists():
+        if time.monotonic() > deadline:
+            sys.exit("no go signal")
+        time.sleep(0.01)
+    split = data.load_split(sys.argv[1], "train")
+    print(hashlib.sha256(split.images.numpy().tobytes() + split.labels.numpy().tobytes()).hexdigest())
+    """
+)
+
+
+def test_two_processes_decoding_at_once_write_one_correct_entry(
+    cache_dir: Path, dataset: Folder, tmp_path: Path
+) -> None:
+    count_file, go = tmp_path / "decodes.txt", tmp_path / "go"
+    env = {**os.environ, "FEDCIFAR_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    children = []
+    for i in range(2):
+        ready = tmp_path / f"ready-{i}"
+        children.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, "-c", CHILD, dataset.name, str(count_file), str(ready), str(go)],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                ),
+                ready,
+            )
+        )
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while not all(ready.exists() for _, ready in children):
+            assert time.monotonic() < deadline, "children did not start"
+            assert all(p.poll() is None for p, _ in children), "a child exited early"
+            time.sleep(0.02)
+        go.touch()
+        outputs = [p.communicate(timeout=SUBPROCESS_TIMEOUT_S) for p, _ in children]
+    finally:
+        for p, _ in children:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for (p, _), (out, err) in zip(children, outputs):
+        assert p.returncode == 0, err
+    digests = {out.strip() for out, _ in outputs}
+
+    expected = data.load_split(dataset.name, "train")  # reads the entry the children wrote
+    expected_digest = hashlib.sha256(expected.images.numpy().tobytes() + expected.labels.numpy().tobytes()).hexdigest()
+    assert digests == {expected_digest}
+    np.testing.assert_array_equal(expected.images.numpy(), np.stack([pil_decode(b) for b in dataset.train[0]]))
+    assert len(count_file.read_text().split()) == 1, "the lock must let exactly one process decode"
+    assert len(entries(cache_dir)) == 1
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")], "no staging folder left behind"
+
+
+def test_fedcifar_cache_clear_empties_the_cache(
+    cache_dir: Path, dataset: Folder, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data.load_split(dataset.name, "train")
+    data.load_split(dataset.name, "test")
+    assert len(entries(cache_dir)) == 2
+    assert data.cache_main(["info"]) == 0
+    info = capsys.readouterr().out
+    assert "2 entries" in info and str(cache_dir) in info
+
+    # The real console script, as a user types it (one subprocess: importing torch is slow).
+    script = Path(sys.executable).with_name("fedcifar-cache")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fedcifar_app.data"]
+    env = {**os.environ, "FEDCIFAR_CACHE_DIR": str(cache_dir)}
+    cleared = subprocess.run([*command, "clear"], env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert cleared.returncode == 0, cleared.stderr
+    assert "2 entries" in cleared.stdout
+    assert not cache_dir.exists() or not any(cache_dir.iterdir())
+    assert data.cache_main(["info"]) == 0
+    assert "0 entries" in capsys.readouterr().out
+
+    clear_process_caches()  # a later load decodes again into a fresh entry
+    again = data.load_split(dataset.name, "test")
+    np.testing.assert_array_equal(again.images.numpy(), np.stack([pil_decode(b) for b in dataset.test[0]]))
+    assert len(entries(cache_dir)) == 1
