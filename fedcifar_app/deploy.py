@@ -28,6 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 DEFAULT_DEPLOY_DIR = ".deploy"
 DEFAULT_SUPERLINK_PORTS = (9091, 9092, 9093)  # ServerAppIo, Fleet, Control
 DEFAULT_CLIENTAPPIO_BASE_PORT = 9094
@@ -395,19 +400,20 @@ def log_contains(log_path: Path, marker: str) -> bool:
 # --------------------------------------------------------------------------- #
 # TLS certificates and SuperNode keys
 # --------------------------------------------------------------------------- #
-def certificate_names(extra_names: Sequence[str]) -> list[str]:
-    """Host names and IPs the SuperLink certificate must cover."""
+def certificate_names(listen_host: str, extra_names: Sequence[str]) -> list[str]:
+    """Host names and IPs the SuperLink certificate must cover: loopback, the
+    address it listens on (unless all interfaces), and the extra names."""
     names = ["localhost", "127.0.0.1"]
-    for name in extra_names:
+    specific_host = [listen_host] if listen_host not in ("0.0.0.0", "") else []
+    for name in [*specific_host, *extra_names]:
         if name not in names:
             names.append(name)
     return names
 
 
-def _subject_alternative_names(names: Sequence[str]) -> list:
-    from cryptography import x509
-
-    entries: list = []
+def _subject_alternative_names(names: Sequence[str]) -> list[x509.GeneralName]:
+    """IP addresses as IP entries (clients match IPs only against those), the rest as DNS."""
+    entries: list[x509.GeneralName] = []
     for name in names:
         try:
             entries.append(x509.IPAddress(ipaddress.ip_address(name)))
@@ -417,8 +423,7 @@ def _subject_alternative_names(names: Sequence[str]) -> list:
 
 
 def _certificate_covers(certificate_path: Path, names: Sequence[str]) -> bool:
-    from cryptography import x509
-
+    """True if the certificate exists, names all of `names`, and is valid past tomorrow."""
     try:
         certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
         covered = certificate.extensions.get_extension_for_class(
@@ -426,9 +431,11 @@ def _certificate_covers(certificate_path: Path, names: Sequence[str]) -> bool:
         ).value
     except (OSError, ValueError, x509.ExtensionNotFound):
         return False
-    not_expired = certificate.not_valid_after_utc > datetime.datetime.now(
-        datetime.timezone.utc
-    ) + datetime.timedelta(days=1)
+    expires = getattr(certificate, "not_valid_after_utc", None)  # cryptography >= 42
+    if expires is None:
+        expires = certificate.not_valid_after.replace(tzinfo=datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    not_expired = expires > now + datetime.timedelta(days=1)
     return not_expired and all(
         entry in covered for entry in _subject_alternative_names(names)
     )
@@ -448,11 +455,6 @@ def ensure_tls_files(cert_dir: Path, names: Sequence[str], valid_days: int = 365
     copied to other machines stays valid across `down`/`up`. The CA's own key is
     never written: new certificates mean a new CA.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
     files = TlsFiles(
         ca_certificate=cert_dir / "ca.crt",
         server_certificate=cert_dir / "server.pem",
@@ -529,9 +531,6 @@ def ensure_node_key(key_dir: Path, name: str) -> tuple[Path, Path]:
     Same format as `ssh-keygen -t ecdsa -b 384 -N "" -f KEY`; kept across `up`s
     so a node keeps its identity. Returns (private key, public key).
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     private_path = key_dir / name
     public_path = key_dir / f"{name}.pub"
     if private_path.is_file() and public_path.is_file():
@@ -735,7 +734,7 @@ def node_configs(
     for flag, values in (("--node-config", explicit), ("--data-path", data_paths)):
         if values and len(values) != num_nodes:
             raise DeployError(
-                f"{flag} given {len(values)} times for --nodes {num_nodes}; give it once per node"
+                f"{flag} given {len(values)}x for --nodes {num_nodes}; give it once per node"
             )
     configs = []
     for index in range(num_nodes):
@@ -851,19 +850,18 @@ def split_address(address: str) -> tuple[str, int]:
 
 def bring_up(args: argparse.Namespace) -> DeploymentState:
     """Start SuperLink and SuperNodes; on any failure stop them all and raise."""
+    if args.auth and not args.tls:
+        raise DeployError("--auth needs --tls: Flower allows SuperNode authentication only over TLS")
+    if args.nodes < 0:
+        raise DeployError("--nodes must be 0 or more")
+    configs = node_configs(args.nodes, args.node_config, args.data_path)
     deploy_dir = Path(args.dir).expanduser().resolve()
-    deploy_dir.mkdir(parents=True, exist_ok=True)
     previous = load_state(deploy_dir)
     if previous is not None and deployment_is_running(previous):
         raise DeployError(
             f"a deployment from {deploy_dir} is still running; "
             f"run `fedcifar-deploy down --dir {args.dir}` first"
         )
-    if args.auth and not args.tls:
-        raise DeployError("--auth needs --tls: Flower allows SuperNode authentication only over TLS")
-    if args.nodes < 0:
-        raise DeployError("--nodes must be 0 or more")
-    configs = node_configs(args.nodes, args.node_config, args.data_path)
     ports: SuperLinkPorts = args.superlink_ports
     clientappio_ports = [args.clientappio_base_port + index for index in range(args.nodes)]
     clashes = set(clientappio_ports) & {ports.serverappio, ports.fleet, ports.control}
@@ -874,7 +872,8 @@ def bring_up(args: argparse.Namespace) -> DeploymentState:
 
     # Fleet and Control may listen on all interfaces; this machine reaches them on loopback.
     reachable_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
-    tls = ensure_tls_files(deploy_dir / "certs", certificate_names(args.tls_san)) if args.tls else None
+    deploy_dir.mkdir(parents=True, exist_ok=True)
+    tls = ensure_tls_files(deploy_dir / "certs", certificate_names(args.host, args.tls_san)) if args.tls else None
     state = DeploymentState(
         directory=str(deploy_dir),
         started_at=datetime.datetime.now().isoformat(timespec="seconds"),
@@ -933,7 +932,7 @@ def suggested_run_command(state: DeploymentState, app_dir: Path) -> str:
 
 
 def describe(state: DeploymentState) -> str:
-    """Human summary of a deployment: processes, addresses, logs, next steps."""
+    """Human summary of a deployment: processes, addresses, logs, security, cwd."""
     lines = []
     for record in state.processes:
         alive = "running" if live_session_members(record) else "stopped"
@@ -957,7 +956,7 @@ def command_up(args: argparse.Namespace) -> int:
     """`up`: start everything, print where it is and how to use it."""
     state = bring_up(args)
     print(describe(state))
-    print(f"run:  {suggested_run_command(state, Path.cwd())}")
+    print(f"run (in the app folder): {suggested_run_command(state, Path.cwd())}")
     print(f"stop: fedcifar-deploy down --dir {args.dir}")
     return 0
 
