@@ -340,3 +340,28 @@ def test_fedcifar_cache_clear_empties_the_cache(
     again = data.load_split(dataset.name, "test")
     np.testing.assert_array_equal(again.images.numpy(), np.stack([pil_decode(b) for b in dataset.test[0]]))
     assert len(entries(cache_dir)) == 1
+
+
+@pytest.mark.parametrize("partitioner", [Partitioner.IID, Partitioner.DIRICHLET])
+def test_partition_rows_are_flwr_datasets_own(cache_dir: Path, dataset: Folder, partitioner: Partitioner) -> None:
+    """The fast column reads give exactly the rows flwr-datasets' partitioner gives unformatted."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    labels = data.load_split(dataset.name, "train").labels.numpy()
+    fingerprint = data._node_fingerprint(dataset.name, NodeData(partition_id=0, num_partitions=3))
+    for num_partitions in (3, 7):
+        table = Dataset.from_dict({"label": labels, "row": np.arange(len(labels))})
+        if partitioner is Partitioner.IID:
+            plain = IidPartitioner(num_partitions=num_partitions)
+            table = table.shuffle(seed=5)
+        else:
+            plain = DirichletPartitioner(
+                num_partitions=num_partitions, partition_by="label", alpha=2.0, min_partition_size=2,
+                self_balancing=False, shuffle=True, seed=5,
+            )
+        plain.dataset = table
+        key = (dataset.name, fingerprint, partitioner, num_partitions, 2.0, 5)
+        for pid in range(num_partitions):
+            expected = np.array([row["row"] for row in plain.load_partition(pid)])
+            np.testing.assert_array_equal(data._partition_rows(key, pid, len(labels)), expected)
