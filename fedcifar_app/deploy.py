@@ -1054,7 +1054,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S,
-        help="seconds each process may take to come up (default: %(default)s)",
+        help="seconds the SuperLink, then all SuperNodes together, may take to come up "
+        "(default: %(default)s)",
     )
     up.add_argument(
         "--supernode-max-retries", type=int, default=DEFAULT_SUPERNODE_MAX_RETRIES,

@@ -231,7 +231,10 @@ def assert_completed_run(federation: Deployment, output_dir: Path, rounds: int) 
     runs = federation.runs()
     assert len(runs) == 1, runs
     assert runs[0]["status"] == "finished:completed", runs[0]
-    run_folders = [path for path in output_dir.iterdir() if path.is_dir()]
+    run_folders = [
+        path for path in output_dir.iterdir()
+        if path.is_dir() and not path.is_symlink() and (path / "status.json").is_file()
+    ]
     assert len(run_folders) == 1, run_folders
     status = json.loads((run_folders[0] / "status.json").read_text())
     assert status["status"] == "completed", status
