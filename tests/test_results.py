@@ -1,6 +1,7 @@
 """The run folder: reproducible runs, kill-and-resume, plots.
 
-The end-to-end tests run the REAL `flwr run .` (simulation, 3 SuperNodes, synthetic data)
+The end-to-end tests run the REAL `flwr run .` (simulation, 3 SuperNodes, synthetic data,
+min nodes 3/2/3, its own output-dir and FEDCIFAR_CACHE_DIR)
 as a subprocess in its own session, judge each run by the folder it wrote (status.json,
 metrics.json, checkpoint.pt) and never by the exit code (flwr 1.25 exits 0 even when the
 ServerApp failed), and kill the whole session on timeout and in teardown, since a killed
@@ -33,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomli
 import torch
 
 from fedcifar_app import plots, results
@@ -56,6 +58,35 @@ BASE_CONFIG = (
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def federation_override(num_supernodes: int) -> str:
+    """`--federation-config` for the default federation with ``num_supernodes``, every other option kept.
+
+    flwr 1.25 replaces the whole ``options`` table with the override's (``fuse_dicts``
+    assigns the override after merging), so "options.num-supernodes=3" alone would drop
+    client-resources (back to Flower's 2 CPUs per client: one client at a time here) and
+    init-args. Restating all options keeps the run what pyproject.toml describes.
+    """
+    federations = tomli.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]
+    options = {**flatten(federations[federations["default"]]["options"]), "num-supernodes": num_supernodes}
+
+    def literal(value) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return f"'{value}'" if isinstance(value, str) else repr(value)
+
+    return " ".join(f"options.{key}={literal(value)}" for key, value in options.items())
+
+
+def flatten(table: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def session_members(session_id: int) -> list[int]:
@@ -100,7 +131,7 @@ class FlwrRun:
         self.log_path = root / f"{name}.log"
         self.command = [
             str(BIN_DIR / "flwr"), "run", ".",
-            "--federation-config", "options.num-supernodes=3",
+            "--federation-config", federation_override(num_supernodes=3),
             "--run-config", f"{BASE_CONFIG} num-server-rounds={NUM_ROUNDS} "
                             f"output-dir='{self.output_dir}' {extra_config}".strip(),
         ]
