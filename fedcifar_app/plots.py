@@ -82,15 +82,13 @@ def write_curves(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     accuracy_axes.set_ylim(0.0, 1.02)
     accuracy_axes.set_ylabel("accuracy")
     rounds, values = _series(rows, "central-accuracy")
+    title = "Accuracy"
     if values:
         best = int(np.argmax(values))
-        accuracy_axes.set_title(f"Accuracy (best test: {values[best]:.4f} in round {rounds[best]})")
-        accuracy_axes.annotate(
-            f"{values[-1]:.3f}", (rounds[-1], values[-1]), textcoords="offset points", xytext=(0, -14),
-            ha="center", fontsize="small",
-        )
-    else:
-        accuracy_axes.set_title("Accuracy")
+        title = f"Accuracy: test {values[-1]:.4f} after round {rounds[-1]}"
+        if best != len(values) - 1:
+            title += f" (best {values[best]:.4f}, round {rounds[best]})"
+    accuracy_axes.set_title(title)
     loss_axes.set_ylim(bottom=0.0)
     loss_axes.set_ylabel("cross-entropy loss")
     loss_axes.set_title("Loss")
