@@ -89,7 +89,6 @@ def write_curves(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         if best != len(values) - 1:
             title += f" (best {values[best]:.4f}, round {rounds[best]})"
     accuracy_axes.set_title(title)
-    loss_axes.set_ylim(bottom=0.0)
     loss_axes.set_ylabel("cross-entropy loss")
     loss_axes.set_title("Loss")
     figure.suptitle(
