@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,11 @@ from .seeds import derive_seed
 
 app = ClientApp()
 logger = logging.getLogger("flwr")
+
+# Flower imports this module in the simulation process just before it starts Ray, whose
+# FutureWarning about GPU environment variables would otherwise open every run. Setting
+# RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO instead would change which GPUs CPU-only clients see.
+warnings.filterwarnings("ignore", message=r"Tip: In future versions of Ray", category=FutureWarning)
 
 DATA_CHECK = "data-check"  # the query the ServerApp sends before round 1
 

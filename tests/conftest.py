@@ -13,12 +13,44 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-# Small federations keep end-to-end runs to seconds; one string, since flwr refuses a key given twice.
-SMALL_FEDERATION = "options.num-supernodes=3"
 SMALL_NODES = "min-train-nodes=3 min-evaluate-nodes=2 min-available-nodes=3"
+
+
+def federation_override(num_supernodes: int) -> str:
+    """`--federation-config` for the default federation with ``num_supernodes``, every other option kept.
+
+    flwr 1.25 replaces the whole ``options`` table with the override's (``fuse_dicts``
+    assigns the override after merging), so "options.num-supernodes=3" alone would drop
+    client-resources (back to Flower's 2 CPUs per client: one client at a time here) and
+    init-args. Restating all options keeps the run what pyproject.toml describes.
+    """
+    federations = tomli.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]
+    options = {**flatten(federations[federations["default"]]["options"]), "num-supernodes": num_supernodes}
+
+    def literal(value) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return f"'{value}'" if isinstance(value, str) else repr(value)
+
+    return " ".join(f"options.{key}={literal(value)}" for key, value in options.items())
+
+
+def flatten(table: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# Small federations keep end-to-end runs to seconds; one string, since flwr refuses a key given twice.
+SMALL_FEDERATION = federation_override(3)
 
 
 def encode_image(pixels: np.ndarray, image_format: str = "JPEG") -> bytes:

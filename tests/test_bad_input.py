@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SMALL_NODES, encode_image, make_parquet_dataset, run_flwr, write_parquet_split
+from conftest import SMALL_NODES, federation_override, encode_image, make_parquet_dataset, run_flwr, write_parquet_split
 from fedcifar_app.config import ConfigError, NodeData, RunConfig
 from fedcifar_app.data import DataError, check_dataset, load_node_data, load_split
 from fedcifar_app.results import Checkpoint, create_run_folder
@@ -162,7 +162,7 @@ def test_flwr_run_fails_fast_with_one_error_line_and_a_failed_status(
     before = folder_digest(inputs)
     dataset = "" if override.startswith("dataset=") else "dataset='synthetic'"
     run = run_flwr(tmp_path / "out", f"{dataset} {SMALL_NODES} {override}", env=flwr_env, timeout=180,
-                   federation_config=f"options.num-supernodes={supernodes}")
+                   federation_config=federation_override(supernodes))
     error_lines = [line for line in run.output.splitlines() if "ERROR" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], run.output[-3000:]
     assert "Traceback" not in run.output

@@ -34,9 +34,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import tomli
 import torch
 
+from conftest import federation_override
 from fedcifar_app import plots, results
 from fedcifar_app.config import RunConfig
 from fedcifar_app.data import ImageTensors
@@ -58,35 +58,6 @@ BASE_CONFIG = (
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def federation_override(num_supernodes: int) -> str:
-    """`--federation-config` for the default federation with ``num_supernodes``, every other option kept.
-
-    flwr 1.25 replaces the whole ``options`` table with the override's (``fuse_dicts``
-    assigns the override after merging), so "options.num-supernodes=3" alone would drop
-    client-resources (back to Flower's 2 CPUs per client: one client at a time here) and
-    init-args. Restating all options keeps the run what pyproject.toml describes.
-    """
-    federations = tomli.loads((APP_DIR / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]
-    options = {**flatten(federations[federations["default"]]["options"]), "num-supernodes": num_supernodes}
-
-    def literal(value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return f"'{value}'" if isinstance(value, str) else repr(value)
-
-    return " ".join(f"options.{key}={literal(value)}" for key, value in options.items())
-
-
-def flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def session_members(session_id: int) -> list[int]:
