@@ -20,7 +20,7 @@ from .data import DataError, check_dataset, class_names, load_node_data, load_sp
 from .model import Net, new_model
 from .results import Checkpoint, RunRecorder, create_run_folder, format_row, summary_table, write_status
 from .seeds import derive_seed
-from .strategy import RecordingFedAvg, RunAborted, short_reason, wait_for_nodes
+from .strategy import RecordingFedAvg, RunAborted, replies_by_node, short_reason, wait_for_nodes
 
 app = ServerApp()
 logger = logging.getLogger("flwr.fedcifar_app")
@@ -79,6 +79,7 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
         recorder=recorder,
         node_names=node_names,
         node_wait_timeout=config.node_wait_timeout,
+        round_timeout=config.round_timeout,
         simulation=simulation,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
@@ -139,7 +140,7 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig) -> dict[
                 dst_node_id=node_id)
         for node_id in node_ids
     ]
-    replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(messages, timeout=config.round_timeout)}
+    replies = replies_by_node(messages, grid.send_and_receive(messages, timeout=config.round_timeout))
     names, failures, train_sizes = {}, [], []
     for node_id in node_ids:
         reply = replies.get(node_id)
@@ -158,7 +159,7 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig) -> dict[
             f"min-train-nodes/min-evaluate-nodes need {needed}: {failures[0]}{more}"
         )
     for failure in failures:
-        logger.warning("data check: %s; the run goes on without this node", failure)
+        logger.warning("data check: %s; the run goes on, and this node fails its rounds until it is fixed", failure)
     logger.info(
         "Data check: %d nodes ready, %d training samples (%d to %d per node)",
         len(names), sum(train_sizes), min(train_sizes), max(train_sizes),

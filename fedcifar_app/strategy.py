@@ -25,6 +25,20 @@ def short_reason(reason: str) -> str:
     return last.removesuffix("'>").replace("Exception ClientAppException occurred. Message: ", "")
 
 
+def replies_by_node(sent: Iterable[Message], replies: Iterable[Message]) -> dict[int, Message]:
+    """Destination node of each sent message -> its reply; a node with no reply is absent.
+
+    Replies are matched on the message they answer, not on their source: when a SuperNode
+    stops sending heartbeats, the SuperLink answers in its place (NODE_UNAVAILABLE) under
+    its own node id. The grid sets each sent message's id when it pushes it.
+    """
+    destination = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
+    return {
+        destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id): reply
+        for reply in replies
+    }
+
+
 class RunAborted(RuntimeError):
     """The run cannot go on (too few nodes or replies); the message says why and what to do."""
 
@@ -71,6 +85,7 @@ class RecordingFedAvg(FedAvg):
         recorder: RunRecorder,
         node_names: Mapping[int, str],
         node_wait_timeout: float,
+        round_timeout: float,
         simulation: bool,
         **fedavg_args,
     ) -> None:
@@ -78,7 +93,9 @@ class RecordingFedAvg(FedAvg):
         self.recorder = recorder
         self.node_names = dict(node_names)
         self.node_wait_timeout = node_wait_timeout
+        self.round_timeout = round_timeout
         self.simulation = simulation
+        self._sent: list[Message] = []  # this stage's messages, to tell whose reply is missing
         self._reported: set[tuple[int, int]] = set()  # (round, node): name each failure once per round
 
     def _await_nodes(self, grid: Grid) -> None:
@@ -90,13 +107,17 @@ class RecordingFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self.recorder.begin_round()
         self._await_nodes(grid)
-        return super().configure_train(self.recorder.to_global(server_round), arrays, config, grid)
+        return self._keep(super().configure_train(self.recorder.to_global(server_round), arrays, config, grid))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._await_nodes(grid)
-        return super().configure_evaluate(self.recorder.to_global(server_round), arrays, config, grid)
+        return self._keep(super().configure_evaluate(self.recorder.to_global(server_round), arrays, config, grid))
+
+    def _keep(self, messages: Iterable[Message]) -> list[Message]:
+        self._sent = list(messages)
+        return self._sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -125,13 +146,20 @@ class RecordingFedAvg(FedAvg):
         return metrics
 
     def _report_failures(self, round_number: int, stage: str, replies: list[Message]) -> int:
-        """One WARNING per failing node and round; returns how many replies carry results."""
-        for reply in replies:
-            node_id = reply.metadata.src_node_id
-            if reply.has_error() and (round_number, node_id) not in self._reported:
+        """One WARNING per failing or silent node and round; returns how many replies carry results."""
+        by_node = replies_by_node(self._sent, replies)
+        for node_id in dict.fromkeys([m.metadata.dst_node_id for m in self._sent] + list(by_node)):
+            reply = by_node.get(node_id)
+            if reply is None:
+                reason = f"no reply within round-timeout={self.round_timeout:g}s"
+            elif reply.has_error():
+                reason = short_reason(reply.error.reason)
+            else:
+                continue
+            if (round_number, node_id) not in self._reported:
                 self._reported.add((round_number, node_id))
                 logger.warning(
                     "round %d %s: node %s failed: %s",
-                    round_number, stage, self.node_names.get(node_id, node_id), short_reason(reply.error.reason),
+                    round_number, stage, self.node_names.get(node_id, node_id), reason,
                 )
         return sum(not reply.has_error() for reply in replies)
