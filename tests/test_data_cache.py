@@ -102,7 +102,7 @@ def entries(cache: Path) -> list[Path]:
 
 
 def clear_process_caches() -> None:
-    for cached in (data._cached_arrays, data._partitioner, data._load_node_data):
+    for cached in (data._cached_arrays, data._partitioner, data._iid_permutation, data._load_node_data):
         cached.cache_clear()
 
 
