@@ -59,7 +59,8 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, simulation: bool)
             raise RunAborted(
                 f"the simulated federation has {len(node_ids)} SuperNodes but the run config needs {needed} "
                 "(min-available-nodes / min-train-nodes / min-evaluate-nodes): lower them with --run-config "
-                f"or raise options.num-supernodes (e.g. --federation-config \"options.num-supernodes={needed}\")"
+                f"or raise options.num-supernodes in pyproject.toml (a --federation-config override must restate "
+                "every other option too, see README)"
             )
         now = time.monotonic()
         if now >= deadline:
