@@ -25,6 +25,7 @@ Runs are judged by what they wrote (status.json, metrics.json), not by flwr's ex
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -276,6 +277,33 @@ def bench_floor(dataset: str, cache_dir: Path, rounds: int, threads: int | None)
         load_after=load_average(),
     )
     return result
+
+
+def add_floor_rounds(results: dict[str, Any], dataset: str, cache_dir: Path, thread_counts: list[int], *,
+                     first_rounds: int, other_rounds: int) -> None:
+    """Run floor rounds for every thread count, then recompute each variant over all its rounds so far.
+
+    The floor is the faster variant (lower median seconds per round). Calling this between the
+    flwr runs spreads the floor's rounds over the same stretch of (shared-machine) time.
+    """
+    variants = results.setdefault("floor_variants", {})
+    for index, threads in enumerate(thread_counts):
+        measured = bench_floor(dataset, cache_dir, first_rounds if index == 0 else other_rounds, threads)
+        variant = variants.setdefault(f"threads={threads}", {"torch_threads": measured["torch_threads"], "passes": []})
+        variant["passes"].append(measured)
+        rows = [row for one in variant["passes"] for row in one["rounds"]]
+        variant.update(
+            round_s=round(statistics.median(r["seconds"] for r in rows), 3),
+            round_min_s=min(r["seconds"] for r in rows),
+            round_cpu_s=round(statistics.median(r["cpu_s"] for r in rows), 3),
+            rounds_measured=len(rows),
+            final_central_accuracy=variant["passes"][0]["final_central_accuracy"],
+            accuracy_after_rounds=len(variant["passes"][0]["rounds"]),
+            train_images_per_s=round(statistics.median(one["train_images_per_s"] for one in variant["passes"])),
+            load_before=variant["passes"][0]["load_before"],
+            load_after=measured["load_after"],
+        )
+    results["floor"] = min(variants.values(), key=lambda v: v["round_s"])
 
 
 # --------------------------------------------------------------------------- (2) the per-sample PIL path
@@ -668,10 +696,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if "pil" in results:
         summary["pil_round_s"] = results["pil"]["round_s"]
         summary["pil_vs_floor"] = ratio(results["pil"]["round_s"], floor)
+    one_thread = results.get("floor_variants", {}).get("threads=1", {}).get("round_cpu_s")
     for label in ("flwr_cold", "flwr_warm", "flwr_scale"):
         run = results.get(label)
         if not run or not run.get("steady_round_s"):
             continue
+        # Load-robust: CPU seconds per round of the whole run vs the same work in one 1-thread process.
+        summary[f"{label}_steady_cpu_vs_1_thread_floor_cpu"] = ratio(run.get("steady_round_cpu_s"), one_thread)
         summary[f"{label}_steady_round_s"] = run["steady_round_s"]
         summary[f"{label}_steady_vs_floor"] = ratio(run["steady_round_s"], floor)
         summary[f"{label}_steady_cpu_vs_floor_cpu"] = ratio(run.get("steady_round_cpu_s"), floor_cpu)
@@ -719,19 +750,19 @@ def table_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"data: cold decode train {d['cold_decode_train_s']:.2f}s ({d['decode_images_per_s']:,} img/s), "
                      f"test {d['cold_decode_test_s']:.2f}s, warm load {d['warm_load_train_s'] * 1000:.1f} ms, "
                      f"10 node partitions {d['ten_node_partitions_s']:.2f}s")
-    header = (f"| {'':36s} | {'s/round':>7s} | {'x floor':>7s} | {'CPU s/round':>11s} | {'start-up s':>10s} | "
+    header = (f"| {'':42s} | {'s/round':>7s} | {'x floor':>7s} | {'CPU s/round':>11s} | {'start-up s':>10s} | "
               f"{'5-round run s':>13s} | {'x 5 floors':>10s} | {'peak GB RSS / PSS':>17s} | {'acc':>6s} | {'load 1m':>11s} |")
     lines += [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     for key, variant in sorted(results.get("floor_variants", {}).items()):
         chosen = " = floor" if variant is results.get("floor") or variant.get("round_s") == floor else ""
-        name = f"(1) 1 process, {variant['torch_threads']} thread(s){chosen}"
-        lines.append(f"| {name:36s} | {variant['round_s']:7.2f} | {fmt(ratio(variant['round_s'], floor)):>7s} | "
+        name = f"(1) 1 process, {variant['torch_threads']} thread(s), {variant['rounds_measured']} rds{chosen}"
+        lines.append(f"| {name:42s} | {variant['round_s']:7.2f} | {fmt(ratio(variant['round_s'], floor)):>7s} | "
                      f"{variant['round_cpu_s']:11.2f} | {'':>10s} | {5 * variant['round_s']:13.1f} | "
                      f"{fmt(ratio(5 * variant['round_s'], 5 * floor)):>10s} | {'':>17s} | "
                      f"{variant['final_central_accuracy']:6.4f} | {_loads(variant)} |")
     if "pil" in results:
         p = results["pil"]
-        lines.append(f"| {'(2) per-sample PIL data path':36s} | {p['round_s']:7.2f} | {fmt(s.get('pil_vs_floor')):>7s} | "
+        lines.append(f"| {'(2) per-sample PIL data path':42s} | {p['round_s']:7.2f} | {fmt(s.get('pil_vs_floor')):>7s} | "
                      f"{'':>11s} | {'':>10s} | {'':>13s} | {'':>10s} | {'':>17s} | {'':>6s} | {_loads(p)} |")
     for label, name in (("flwr_cold", "(3) flwr run . (cold cache)"), ("flwr_warm", "(3) flwr run . (warm cache)"),
                         ("flwr_scale", "(5) 1,000 nodes, fraction-train 0.01")):
@@ -739,10 +770,10 @@ def table_lines(results: dict[str, Any]) -> list[str]:
         if not r:
             continue
         if r.get("status") != "completed":
-            lines.append(f"| {name:36s} | FAILED: {r.get('status')} {r.get('reason', '')} |")
+            lines.append(f"| {name:42s} | FAILED: {r.get('status')} {r.get('reason', '')} |")
             continue
         lines.append(
-            f"| {name:36s} | {fmt(r['steady_round_s']):>7s} | {fmt(ratio(r['steady_round_s'], floor)):>7s} | "
+            f"| {name:42s} | {fmt(r['steady_round_s']):>7s} | {fmt(ratio(r['steady_round_s'], floor)):>7s} | "
             f"{fmt(r.get('steady_round_cpu_s')):>11s} | {fmt(r['startup_to_round1_s']):>10s} | "
             f"{fmt(r['run_to_completed_s'], '.1f'):>13s} | {fmt(ratio(r['run_to_completed_s'], 5 * floor if floor else None)):>10s} | "
             f"{r['peak_rss_gb']:7.2f} / {r['peak_pss_gb']:<7.2f} | {fmt(r['final_central_accuracy'], '.4f'):>6s} | {_loads(r)} |")
@@ -775,10 +806,11 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"CIFAR-10 folder (default {DEFAULT_DATASET} when it exists)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default benchmarks/results.json)")
     parser.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS), help="steps to run (default all)")
-    parser.add_argument("--floor-rounds", type=int, default=5, help="rounds of the first floor variant (default 5)")
+    parser.add_argument("--floor-rounds", type=int, default=5,
+                        help="rounds of the first floor variant, from the initial model (default 5: its accuracy is compared)")
     parser.add_argument("--other-floor-rounds", type=int, default=2, help="rounds of the other variants (default 2)")
     parser.add_argument("--floor-threads", type=int, nargs="+", default=None,
-                        help="torch thread counts to run the floor with (default: torch's default, then 1); "
+                        help="torch thread counts to run the floor with (default: 1, then torch's default); "
                              "the faster is the floor")
     parser.add_argument("--pil-rounds", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="num-server-rounds of the flwr runs (default 5)")
@@ -795,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.floor_threads is None:
         import torch
 
-        args.floor_threads = sorted({torch.get_num_threads(), 1}, reverse=True)
+        args.floor_threads = sorted({torch.get_num_threads(), 1})  # 1 thread first: it has the 5 rounds
     if not args.dataset or not Path(args.dataset).is_dir():
         parser.error(f"--dataset: no such folder ({args.dataset}); pass the CIFAR-10 parquet folder")
     dataset = str(Path(args.dataset).resolve())
@@ -817,13 +849,9 @@ def main(argv: list[str] | None = None) -> int:
         if "data" in args.only or "floor" in args.only or "scale" in args.only:
             results["data"] = bench_data(dataset, bench_cache)
             log(f"data: {json.dumps(results['data'])}")
+        floor_pass = functools.partial(add_floor_rounds, results, dataset, bench_cache, args.floor_threads)
         if "floor" in args.only:
-            variants = results["floor_variants"] = {}
-            for index, threads in enumerate(args.floor_threads):
-                rounds = args.floor_rounds if index == 0 else args.other_floor_rounds
-                variants[f"threads={threads}"] = bench_floor(dataset, bench_cache, rounds, threads)
-            # The floor is the faster single process: the lower median seconds per round.
-            results["floor"] = min(variants.values(), key=lambda v: v["round_s"])
+            floor_pass(first_rounds=args.floor_rounds, other_rounds=args.other_floor_rounds)
         if "pil" in args.only:
             if "floor" in results:  # the same torch threads as the floor it is compared with
                 import torch
@@ -836,8 +864,12 @@ def main(argv: list[str] | None = None) -> int:
             federation = federation_config(args.federation_config) if args.federation_config else None
             results["flwr_cold"] = run_flwr("flwr_cold", flwr_cache, run_config, federation, args.timeout, workdir)
             log(f"flwr cold: {_brief(results['flwr_cold'])}")
+            if "floor" in args.only:  # the machine is shared: floor rounds between the runs follow its load
+                floor_pass(first_rounds=1, other_rounds=1)
             results["flwr_warm"] = run_flwr("flwr_warm", flwr_cache, run_config, federation, args.timeout, workdir)
             log(f"flwr warm: {_brief(results['flwr_warm'])}")
+            if "floor" in args.only:
+                floor_pass(first_rounds=1, other_rounds=1)
         if "scale" in args.only:
             results["scale"] = bench_partition_scale(dataset, bench_cache, args.scale_nodes)
             log(f"partitioning: {results['scale']}")
@@ -849,9 +881,6 @@ def main(argv: list[str] | None = None) -> int:
             results["flwr_scale"] = run_flwr("flwr_scale", bench_cache, scale_config, federation,
                                              args.timeout, workdir)
             log(f"flwr scale: {_brief(results['flwr_scale'])}")
-        if "floor" in results and {"flwr", "scale"} & set(args.only):
-            # The machine is shared: measure the floor once more after the runs, to show the drift.
-            results["floor_after"] = bench_floor(dataset, bench_cache, 1, results["floor"]["torch_threads"])
     finally:
         results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         results["summary"] = summarise(results)
