@@ -563,7 +563,11 @@ def _partition_rows(config_key: tuple, partition_id: int, num_samples: int) -> n
     if partitioner is Partitioner.IID:
         return _iid_rows(num_samples, num_partitions, seed, partition_id)
     try:
-        return _partitioner(*config_key).load_partition(partition_id).with_format("arrow")["row"].to_numpy()
+        with warnings.catch_warnings():
+            # flwr-datasets warns on every retry with the whole alpha vector (1,000 floats for 1,000
+            # nodes); the outcome, success or the DataError below, is what the user needs.
+            warnings.simplefilter("ignore", UserWarning)
+            return _partitioner(*config_key).load_partition(partition_id).with_format("arrow")["row"].to_numpy()
     except ValueError as err:
         _, _, _, num_partitions, alpha, _ = config_key
         raise DataError(
