@@ -506,6 +506,7 @@ def run_flwr(
 ) -> dict[str, Any]:
     """`flwr run .` in its own session; returns timings, memory and the run's metrics."""
     out_dir = workdir / f"out-{label}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # the run folder found afterwards must be this run's
     log_path = workdir / f"{label}.log"
     pairs = " ".join(f"{k}={v}" for k, v in {**run_config, "output-dir": repr(str(out_dir))}.items())
     command = ["flwr", "run", ".", "--run-config", pairs]
@@ -695,6 +696,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     variants = results.get("floor_variants", {})
     floor_variant = results.get("floor", {})
     floor = floor_variant.get("round_min_s")
+    rounds = results.get("rounds", 5)
     one_thread_cpu = variants.get("threads=1", {}).get("round_cpu_s")
     summary: dict[str, Any] = {
         "floor_round_s": floor,
@@ -718,7 +720,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
             "steady_cpu_vs_1_thread_floor_cpu": ratio(run.get("steady_round_cpu_s"), one_thread_cpu),
             "run_to_completed_s": run["run_to_completed_s"],
             "run_to_exit_s": run["wall_s"],
-            "run_to_exit_vs_5_floors": ratio(run["wall_s"], 5 * floor if floor else None),
+            "run_to_exit_vs_n_floors": ratio(run["wall_s"], rounds * floor if floor else None),
             "startup_s": run["startup_to_round1_s"],
         }
     warm = results.get("flwr_warm") or {}
@@ -728,15 +730,15 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if warm.get("steady_round_s") and floor:
         goals[f"steady rounds (3-5) <= 1.1 x floor: {ratio(warm['steady_round_s'], floor):.2f}"] = (
             ratio(warm["steady_round_s"], floor) <= GOALS["steady_round_vs_floor"])
-        goals[f"whole run (command start to exit) <= 1.4 x (5 x floor), warm: {ratio(warm['wall_s'], 5 * floor):.2f}"] = (
-            ratio(warm["wall_s"], 5 * floor) <= GOALS["whole_run_vs_5_floors_warm"])
+        goals[f"whole run (command start to exit) <= 1.4 x (5 x floor), warm: {ratio(warm['wall_s'], rounds * floor):.2f}"] = (
+            ratio(warm["wall_s"], rounds * floor) <= GOALS["whole_run_vs_5_floors_warm"])
         best_startup = min(r["startup_to_round1_s"] for r in warm_runs)
         goals[f"start-up to round 1 <= 6 s, warm (best {best_startup:.1f} s)"] = best_startup <= GOALS["startup_warm_s"]
         goals[f"round-5 central accuracy >= 0.41: {warm.get('final_central_accuracy')}"] = (
             (warm.get("final_central_accuracy") or 0) >= GOALS["final_central_accuracy"])
     if cold.get("run_to_completed_s") and floor:
-        goals[f"whole run (command start to exit) <= 1.5 x (5 x floor), cold: {ratio(cold['wall_s'], 5 * floor):.2f}"] = (
-            ratio(cold["wall_s"], 5 * floor) <= GOALS["whole_run_vs_5_floors_cold"])
+        goals[f"whole run (command start to exit) <= 1.5 x (5 x floor), cold: {ratio(cold['wall_s'], rounds * floor):.2f}"] = (
+            ratio(cold["wall_s"], rounds * floor) <= GOALS["whole_run_vs_5_floors_cold"])
     measured = [r for r in [cold, *warm_runs] if r.get("peak_rss_gb")]
     if measured:
         pss, rss = max(r["peak_pss_gb"] for r in measured), max(r["peak_rss_gb"] for r in measured)
@@ -755,6 +757,7 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     """The results table (also pasted into benchmarks/README.md)."""
     s = results["summary"]
     floor = s.get("floor_round_s")
+    rounds = results.get("rounds", 5)
 
     def fmt(v: Any, spec: str = ".2f") -> str:
         return "-" if v is None else format(v, spec)
@@ -769,15 +772,15 @@ def table_lines(results: dict[str, Any]) -> list[str]:
                      f"{d['cold_decode_train_cpu_s']:.2f} CPU-s), test {d['cold_decode_test_s']:.2f}s, warm load "
                      f"{d['warm_load_train_s'] * 1000:.1f} ms, 10 node partitions {d['ten_node_partitions_s']:.2f}s")
     header = (f"| {'':44s} | {'s/round':>14s} | {'x floor':>7s} | {'CPU s/round':>11s} | {'start-up s':>10s} | "
-              f"{'run s: done/exit':>16s} | {'x 5 floors':>10s} | {'peak GB RSS / PSS':>17s} | {'acc':>6s} | {'load 1m':>12s} |")
+              f"{'run s: done/exit':>16s} | {f'x {rounds} floors':>10s} | {'peak GB RSS / PSS':>17s} | {'acc':>6s} | {'load 1m':>12s} |")
     lines += [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
     for key, variant in sorted(results.get("floor_variants", {}).items()):
         chosen = " = floor" if variant.get("torch_threads") == results.get("floor", {}).get("torch_threads") else ""
         name = f"(1) 1 process, {variant['torch_threads']} thread(s), {variant['rounds_measured']} rounds{chosen}"
         best = variant["round_min_s"]
         lines.append(f"| {name:44s} | {best:6.2f} ({variant['round_s']:5.2f}) | {fmt(ratio(best, floor)):>7s} | "
-                     f"{variant['round_cpu_s']:11.2f} | {'':>10s} | {f'5 x {best:.2f}':>16s} | "
-                     f"{fmt(ratio(5 * best, 5 * floor if floor else None)):>10s} | {'':>17s} | "
+                     f"{variant['round_cpu_s']:11.2f} | {'':>10s} | {f'{rounds} x {best:.2f}':>16s} | "
+                     f"{fmt(ratio(best, floor)):>10s} | {'':>17s} | "
                      f"{fmt(variant['final_central_accuracy'] if variant['accuracy_after_rounds'] >= 5 else None, '.4f'):>6s} | "
                      f"{_loads(variant)} |")
     if "pil" in results:
@@ -788,7 +791,7 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     for index, run in enumerate(results.get("flwr_warm_runs", []), 1):
         best = " (best)" if run is results.get("flwr_warm") and len(results["flwr_warm_runs"]) > 1 else ""
         rows.append((f"(3) flwr run ., warm cache, run {index}{best}", run))
-    rows.append(("(5) 1,000 nodes, fraction-train 0.01, warm", results.get("flwr_scale")))
+    rows.append((f"(5) {results.get('scale_nodes', 1000):,} nodes, fraction-train 0.01, warm", results.get("flwr_scale")))
     for name, r in rows:
         if not r:
             continue
@@ -798,7 +801,7 @@ def table_lines(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name:44s} | {fmt(r['steady_round_s']):>14s} | {fmt(ratio(r['steady_round_s'], floor)):>7s} | "
             f"{fmt(r.get('steady_round_cpu_s')):>11s} | {fmt(r['startup_to_round1_s']):>10s} | "
-            f"{fmt(r['run_to_completed_s'], '.1f'):>7s} / {fmt(r['wall_s'], '.1f'):>6s} | {fmt(ratio(r['wall_s'], 5 * floor if floor else None)):>10s} | "
+            f"{fmt(r['run_to_completed_s'], '.1f'):>7s} / {fmt(r['wall_s'], '.1f'):>6s} | {fmt(ratio(r['wall_s'], rounds * floor if floor else None)):>10s} | "
             f"{r['peak_rss_gb']:7.2f} / {r['peak_pss_gb']:<7.2f} | {fmt(r['final_central_accuracy'], '.4f'):>6s} | {_loads(r)} |")
     if "scale" in results:
         sc = results["scale"]
@@ -807,7 +810,7 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     lines.append("s/round: floor = best round (median in brackets); flwr = mean of rounds 3-5 (metrics.json 'seconds'). "
                  "CPU s/round: user+system seconds of all the run's processes (floor: its process, median round). "
                  "run s: command start to status 'completed' / to the command's exit (Ray shut down); "
-                 "x 5 floors uses the exit. acc: central test accuracy after round 5.")
+                 "x N floors (N = rounds) uses the exit. acc: central test accuracy after the last round.")
     for goal, met in s.get("goals_met", {}).items():
         lines.append(f"  {'MET   ' if met else 'MISSED'}  {goal}")
     return lines
@@ -876,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S"), "dataset": dataset, "argv": sys.argv[1:],
         "machine": machine(), "federation_config": args.federation_config, "workdir": str(workdir),
-        "app": str(APP_DIR["path"]),
+        "app": str(APP_DIR["path"]), "rounds": args.rounds, "scale_nodes": args.scale_nodes,
     }
     log(f"working folder {workdir}; load average {load_average()}")
     try:
