@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import tomli
 
+from fedcifar_app.centralized import _flatten as flatten  # one flattener for pyproject tables
+
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SMALL_NODES = "min-train-nodes=3 min-evaluate-nodes=2 min-available-nodes=3"
@@ -37,16 +39,6 @@ def federation_override(num_supernodes: int) -> str:
         return f"'{value}'" if isinstance(value, str) else repr(value)
 
     return " ".join(f"options.{key}={literal(value)}" for key, value in options.items())
-
-
-def flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # Small federations keep end-to-end runs to seconds; one string, since flwr refuses a key given twice.
