@@ -39,7 +39,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,6 @@ def federation_config(overrides: str | None = None, **options: Any) -> str:
     key keeps the federation what pyproject.toml says, plus the changes asked for.
     """
     import tomli
-
     from flwr.common.config import flatten_dict, parse_config_args
 
     federations = tomli.loads((APP_DIR["path"] / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]
@@ -159,7 +158,7 @@ def federation_config(overrides: str | None = None, **options: Any) -> str:
 
 def bench_data(dataset: str, cache_dir: Path) -> dict[str, Any]:
     """Cold decode into a fresh cache, warm memory-mapped load, and the 10 nodes' partitions."""
-    wait_for_quiet('bench_data')
+    wait_for_quiet("bench_data")
     from fedcifar_app import data
     from fedcifar_app.config import NodeData
 
@@ -230,13 +229,17 @@ def bench_floor(dataset: str, cache_dir: Path, rounds: int, threads: int | None)
     for server_round in range(1, rounds + 1):
         started, cpu_started = time.perf_counter(), time.process_time()
         updates, losses, train_s = [], [], []
-        for node, part in zip(nodes, parts):
+        for node, part in zip(nodes, parts, strict=True):
             client_start = time.perf_counter()
             local = Net()
             local.load_state_dict(weights)
             loss = training.train(
-                local, part.train, epochs=config.local_epochs, batch_size=config.batch_size,
-                learning_rate=config.learning_rate, device=device,
+                local,
+                part.train,
+                epochs=config.local_epochs,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                device=device,
                 seed=derive_seed(config.seed, "train", server_round, node.label),
             )
             updates.append((training.get_weights(local), len(part.train)))
@@ -258,13 +261,16 @@ def bench_floor(dataset: str, cache_dir: Path, rounds: int, threads: int | None)
                 "client_eval_s": round(client_eval - trained, 3),
                 "central_eval_s": round(ended - client_eval, 3),
                 "mean_client_train_s": round(statistics.mean(train_s), 3),
-                "eval_accuracy": round(sum(r.accuracy * r.num_examples for r in evaluated)
-                                       / sum(r.num_examples for r in evaluated), 4),
+                "eval_accuracy": round(
+                    sum(r.accuracy * r.num_examples for r in evaluated) / sum(r.num_examples for r in evaluated), 4
+                ),
                 "central_accuracy": round(central.accuracy, 4),
             }
         )
-        log(f"floor round {server_round}: {rows[-1]['seconds']:.2f}s (train {rows[-1]['train_s']:.2f}s, "
-            f"central eval {rows[-1]['central_eval_s']:.2f}s) central-acc {central.accuracy:.4f}")
+        log(
+            f"floor round {server_round}: {rows[-1]['seconds']:.2f}s (train {rows[-1]['train_s']:.2f}s, "
+            f"central eval {rows[-1]['central_eval_s']:.2f}s) central-acc {central.accuracy:.4f}"
+        )
     seconds = [r["seconds"] for r in rows]
     train_samples = sum(len(p.train) for p in parts)
     result.update(
@@ -279,8 +285,15 @@ def bench_floor(dataset: str, cache_dir: Path, rounds: int, threads: int | None)
     return result
 
 
-def add_floor_rounds(results: dict[str, Any], dataset: str, cache_dir: Path, thread_counts: list[int], *,
-                     first_rounds: int, other_rounds: int) -> None:
+def add_floor_rounds(
+    results: dict[str, Any],
+    dataset: str,
+    cache_dir: Path,
+    thread_counts: list[int],
+    *,
+    first_rounds: int,
+    other_rounds: int,
+) -> None:
     """Run floor rounds for every thread count, then recompute each variant over all its rounds so far.
 
     The floor is the faster variant (its best round; noise only adds time). Calling this between the
@@ -311,7 +324,7 @@ def add_floor_rounds(results: dict[str, Any], dataset: str, cache_dir: Path, thr
 
 def bench_pil(dataset: str, rounds: int) -> dict[str, Any]:
     """quickstart-pytorch's data path: FederatedDataset, with_transform(ToTensor, Normalize), DataLoader."""
-    wait_for_quiet('bench_pil')
+    wait_for_quiet("bench_pil")
     import torch
     from flwr_datasets import FederatedDataset
     from flwr_datasets.partitioner import IidPartitioner
@@ -372,11 +385,18 @@ def bench_pil(dataset: str, rounds: int) -> dict[str, Any]:
             test(model, loaders[pid])
         accuracy = test(model, test_loader)
         ended = time.perf_counter()
-        rows.append({"round": server_round, "seconds": round(ended - started, 3),
-                     "train_s": round(trained - started, 3), "central_accuracy": round(accuracy, 4)})
+        rows.append(
+            {
+                "round": server_round,
+                "seconds": round(ended - started, 3),
+                "train_s": round(trained - started, 3),
+                "central_accuracy": round(accuracy, 4),
+            }
+        )
         log(f"PIL path round {server_round}: {rows[-1]['seconds']:.2f}s (train {rows[-1]['train_s']:.2f}s)")
-    result.update(rounds=rows, round_s=round(statistics.median(r["seconds"] for r in rows), 3),
-                  load_after=load_average())
+    result.update(
+        rounds=rows, round_s=round(statistics.median(r["seconds"] for r in rows), 3), load_after=load_average()
+    )
     return result
 
 
@@ -468,8 +488,11 @@ class TreeMonitor:
                 self.peak_pss_kb = sum(pss_of.values())
                 # Where the memory is at the peak: the biggest processes by PSS.
                 self.at_peak = sorted(
-                    ({"pid": pid, "name": _name(pid), "rss_mb": rss_of[pid] // 1024, "pss_mb": pss_of[pid] // 1024}
-                     for pid in pids), key=lambda row: -row["pss_mb"],
+                    (
+                        {"pid": pid, "name": _name(pid), "rss_mb": rss_of[pid] // 1024, "pss_mb": pss_of[pid] // 1024}
+                        for pid in pids
+                    ),
+                    key=lambda row: -row["pss_mb"],
                 )[:12]
         self.peak_rss_kb = max(self.peak_rss_kb, rss)
 
@@ -501,8 +524,12 @@ APP_DIR = {"path": REPO}  # --app: the Flower app folder `flwr run` runs (a modi
 
 
 def run_flwr(
-    label: str, cache_dir: Path, run_config: dict[str, str], federation_config: str | None,
-    timeout_s: float, workdir: Path,
+    label: str,
+    cache_dir: Path,
+    run_config: dict[str, str],
+    federation_config: str | None,
+    timeout_s: float,
+    workdir: Path,
 ) -> dict[str, Any]:
     """`flwr run .` in its own session; returns timings, memory and the run's metrics."""
     out_dir = workdir / f"out-{label}"
@@ -520,8 +547,15 @@ def run_flwr(
     load_before = load_average()
     started = time.time()
     process = subprocess.Popen(
-        command, cwd=APP_DIR["path"], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace",
+        command,
+        cwd=APP_DIR["path"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        text=True,
+        errors="replace",
     )
 
     def read_output() -> None:
@@ -556,10 +590,13 @@ def run_flwr(
     reader.join(timeout=10)
     _end_tree(process.pid, monitor.seen)  # anything the run left behind (it should leave nothing)
     _watch_metrics(out_dir, round_seen)
-    result = _summarise_run(label, command, out_dir, log_path, started, exited, round_seen, stamps,
-                            monitor, timed_out, load_before)
+    result = _summarise_run(
+        label, command, out_dir, log_path, started, exited, round_seen, stamps, monitor, timed_out, load_before
+    )
     result["cpu_s"] = round(monitor.cpu_s(), 1)
-    result["round_cpu_s"] = {str(r): round(round_cpu[r] - round_cpu[r - 1], 2) for r in sorted(round_cpu) if r - 1 in round_cpu}
+    result["round_cpu_s"] = {
+        str(r): round(round_cpu[r] - round_cpu[r - 1], 2) for r in sorted(round_cpu) if r - 1 in round_cpu
+    }
     steady = [round_cpu[r] - round_cpu[r - 1] for r in (3, 4, 5) if r in round_cpu and r - 1 in round_cpu]
     result["steady_round_cpu_s"] = round(statistics.mean(steady), 2) if steady else None
     result["startup_cpu_s"] = round(round_cpu[0], 1) if 0 in round_cpu else None
@@ -611,12 +648,17 @@ def _first_stamp(stamps: list[tuple[float, str]], needle: str, started: float) -
     return None
 
 
-def _summarise_run(label, command, out_dir, log_path, started, exited, round_seen, stamps, monitor,
-                   timed_out, load_before) -> dict[str, Any]:
+def _summarise_run(
+    label, command, out_dir, log_path, started, exited, round_seen, stamps, monitor, timed_out, load_before
+) -> dict[str, Any]:
     folders = sorted(out_dir.glob("*/status.json"))
     result: dict[str, Any] = {
-        "label": label, "command": shlex.join(command), "log": str(log_path), "timed_out": timed_out,
-        "load_before": load_before, "load_after": load_average(),
+        "label": label,
+        "command": shlex.join(command),
+        "log": str(log_path),
+        "timed_out": timed_out,
+        "load_before": load_before,
+        "load_after": load_average(),
         "wall_s": round(exited - started, 2),
         "peak_rss_gb": round(monitor.peak_rss_kb / 2**20, 3),
         "peak_pss_gb": round(monitor.peak_pss_kb / 2**20, 3),
@@ -729,16 +771,20 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     goals = {}
     if warm.get("steady_round_s") and floor:
         goals[f"steady rounds (3-5) <= 1.1 x floor: {ratio(warm['steady_round_s'], floor):.2f}"] = (
-            ratio(warm["steady_round_s"], floor) <= GOALS["steady_round_vs_floor"])
-        goals[f"whole run (command start to exit) <= 1.4 x (5 x floor), warm: {ratio(warm['wall_s'], rounds * floor):.2f}"] = (
-            ratio(warm["wall_s"], rounds * floor) <= GOALS["whole_run_vs_5_floors_warm"])
+            ratio(warm["steady_round_s"], floor) <= GOALS["steady_round_vs_floor"]
+        )
+        goals[
+            f"whole run (command start to exit) <= 1.4 x (5 x floor), warm: {ratio(warm['wall_s'], rounds * floor):.2f}"
+        ] = ratio(warm["wall_s"], rounds * floor) <= GOALS["whole_run_vs_5_floors_warm"]
         best_startup = min(r["startup_to_round1_s"] for r in warm_runs)
         goals[f"start-up to round 1 <= 6 s, warm (best {best_startup:.1f} s)"] = best_startup <= GOALS["startup_warm_s"]
         goals[f"round-5 central accuracy >= 0.41: {warm.get('final_central_accuracy')}"] = (
-            (warm.get("final_central_accuracy") or 0) >= GOALS["final_central_accuracy"])
+            warm.get("final_central_accuracy") or 0
+        ) >= GOALS["final_central_accuracy"]
     if cold.get("run_to_completed_s") and floor:
-        goals[f"whole run (command start to exit) <= 1.5 x (5 x floor), cold: {ratio(cold['wall_s'], rounds * floor):.2f}"] = (
-            ratio(cold["wall_s"], rounds * floor) <= GOALS["whole_run_vs_5_floors_cold"])
+        goals[
+            f"whole run (command start to exit) <= 1.5 x (5 x floor), cold: {ratio(cold['wall_s'], rounds * floor):.2f}"
+        ] = ratio(cold["wall_s"], rounds * floor) <= GOALS["whole_run_vs_5_floors_cold"]
     measured = [r for r in [cold, *warm_runs] if r.get("peak_rss_gb")]
     if measured:
         pss, rss = max(r["peak_pss_gb"] for r in measured), max(r["peak_rss_gb"] for r in measured)
@@ -748,7 +794,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if scale.get("steady_round_s") and warm.get("steady_round_s"):
         summary["scale_vs_10_nodes"] = ratio(scale["steady_round_s"], warm["steady_round_s"])
         goals[f"1,000 nodes: round <= 1.5 x 10-node round: {summary['scale_vs_10_nodes']:.2f}"] = (
-            summary["scale_vs_10_nodes"] <= GOALS["scale_round_vs_10_nodes"])
+            summary["scale_vs_10_nodes"] <= GOALS["scale_round_vs_10_nodes"]
+        )
     summary["goals_met"] = goals
     return summary
 
@@ -764,34 +811,46 @@ def table_lines(results: dict[str, Any]) -> list[str]:
 
     lines = []
     m = results["machine"]
-    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, torch {m['torch']}, "
-                 f"flwr {m['flwr']}, Python {m['python']}")
+    lines.append(
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, torch {m['torch']}, "
+        f"flwr {m['flwr']}, Python {m['python']}"
+    )
     if "data" in results:
         d = results["data"]
-        lines.append(f"data: cold decode train {d['cold_decode_train_s']:.2f}s ({d['decode_images_per_s']:,} img/s, "
-                     f"{d['cold_decode_train_cpu_s']:.2f} CPU-s), test {d['cold_decode_test_s']:.2f}s, warm load "
-                     f"{d['warm_load_train_s'] * 1000:.1f} ms, 10 node partitions {d['ten_node_partitions_s']:.2f}s")
-    header = (f"| {'':44s} | {'s/round':>14s} | {'x floor':>7s} | {'CPU s/round':>11s} | {'start-up s':>10s} | "
-              f"{'run s: done/exit':>16s} | {f'x {rounds} floors':>10s} | {'peak GB RSS / PSS':>17s} | {'acc':>6s} | {'load 1m':>12s} |")
+        lines.append(
+            f"data: cold decode train {d['cold_decode_train_s']:.2f}s ({d['decode_images_per_s']:,} img/s, "
+            f"{d['cold_decode_train_cpu_s']:.2f} CPU-s), test {d['cold_decode_test_s']:.2f}s, warm load "
+            f"{d['warm_load_train_s'] * 1000:.1f} ms, 10 node partitions {d['ten_node_partitions_s']:.2f}s"
+        )
+    header = (
+        f"| {'':44s} | {'s/round':>14s} | {'x floor':>7s} | {'CPU s/round':>11s} | {'start-up s':>10s} | "
+        f"{'run s: done/exit':>16s} | {f'x {rounds} floors':>10s} | {'peak GB RSS / PSS':>17s} | {'acc':>6s} | {'load 1m':>12s} |"
+    )
     lines += [header, "|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|"]
-    for key, variant in sorted(results.get("floor_variants", {}).items()):
+    for variant in (v for _, v in sorted(results.get("floor_variants", {}).items())):
         chosen = " = floor" if variant.get("torch_threads") == results.get("floor", {}).get("torch_threads") else ""
         name = f"(1) 1 process, {variant['torch_threads']} thread(s), {variant['rounds_measured']} rounds{chosen}"
         best = variant["round_min_s"]
-        lines.append(f"| {name:44s} | {best:6.2f} ({variant['round_s']:5.2f}) | {fmt(ratio(best, floor)):>7s} | "
-                     f"{variant['round_cpu_s']:11.2f} | {'':>10s} | {f'{rounds} x {best:.2f}':>16s} | "
-                     f"{fmt(ratio(best, floor)):>10s} | {'':>17s} | "
-                     f"{fmt(variant['final_central_accuracy'] if variant['accuracy_after_rounds'] >= 5 else None, '.4f'):>6s} | "
-                     f"{_loads(variant)} |")
+        lines.append(
+            f"| {name:44s} | {best:6.2f} ({variant['round_s']:5.2f}) | {fmt(ratio(best, floor)):>7s} | "
+            f"{variant['round_cpu_s']:11.2f} | {'':>10s} | {f'{rounds} x {best:.2f}':>16s} | "
+            f"{fmt(ratio(best, floor)):>10s} | {'':>17s} | "
+            f"{fmt(variant['final_central_accuracy'] if variant['accuracy_after_rounds'] >= 5 else None, '.4f'):>6s} | "
+            f"{_loads(variant)} |"
+        )
     if "pil" in results:
         p = results["pil"]
-        lines.append(f"| {'(2) per-sample PIL data path':44s} | {p['round_s']:14.2f} | {fmt(s.get('pil_vs_floor')):>7s} | "
-                     f"{'':>11s} | {'':>10s} | {'':>16s} | {'':>10s} | {'':>17s} | {'':>6s} | {_loads(p)} |")
+        lines.append(
+            f"| {'(2) per-sample PIL data path':44s} | {p['round_s']:14.2f} | {fmt(s.get('pil_vs_floor')):>7s} | "
+            f"{'':>11s} | {'':>10s} | {'':>16s} | {'':>10s} | {'':>17s} | {'':>6s} | {_loads(p)} |"
+        )
     rows = [("(3) flwr run ., cold cache", results.get("flwr_cold"))]
     for index, run in enumerate(results.get("flwr_warm_runs", []), 1):
         best = " (best)" if run is results.get("flwr_warm") and len(results["flwr_warm_runs"]) > 1 else ""
         rows.append((f"(3) flwr run ., warm cache, run {index}{best}", run))
-    rows.append((f"(5) {results.get('scale_nodes', 1000):,} nodes, fraction-train 0.01, warm", results.get("flwr_scale")))
+    rows.append(
+        (f"(5) {results.get('scale_nodes', 1000):,} nodes, fraction-train 0.01, warm", results.get("flwr_scale"))
+    )
     for name, r in rows:
         if not r:
             continue
@@ -802,15 +861,20 @@ def table_lines(results: dict[str, Any]) -> list[str]:
             f"| {name:44s} | {fmt(r['steady_round_s']):>14s} | {fmt(ratio(r['steady_round_s'], floor)):>7s} | "
             f"{fmt(r.get('steady_round_cpu_s')):>11s} | {fmt(r['startup_to_round1_s']):>10s} | "
             f"{fmt(r['run_to_completed_s'], '.1f'):>7s} / {fmt(r['wall_s'], '.1f'):>6s} | {fmt(ratio(r['wall_s'], rounds * floor if floor else None)):>10s} | "
-            f"{r['peak_rss_gb']:7.2f} / {r['peak_pss_gb']:<7.2f} | {fmt(r['final_central_accuracy'], '.4f'):>6s} | {_loads(r)} |")
+            f"{r['peak_rss_gb']:7.2f} / {r['peak_pss_gb']:<7.2f} | {fmt(r['final_central_accuracy'], '.4f'):>6s} | {_loads(r)} |"
+        )
     if "scale" in results:
         sc = results["scale"]
-        lines.append(f"partitioning {sc['num_partitions']:,} ways (one process): partitioner + first node "
-                     f"{sc['partitioner_and_first_node_s']:.2f}s, all {sc['num_partitions']:,} nodes {sc['all_nodes_s']:.2f}s")
-    lines.append("s/round: floor = best round (median in brackets); flwr = mean of rounds 3-5 (metrics.json 'seconds'). "
-                 "CPU s/round: user+system seconds of all the run's processes (floor: its process, median round). "
-                 "run s: command start to status 'completed' / to the command's exit (Ray shut down); "
-                 "x N floors (N = rounds) uses the exit. acc: central test accuracy after the last round.")
+        lines.append(
+            f"partitioning {sc['num_partitions']:,} ways (one process): partitioner + first node "
+            f"{sc['partitioner_and_first_node_s']:.2f}s, all {sc['num_partitions']:,} nodes {sc['all_nodes_s']:.2f}s"
+        )
+    lines.append(
+        "s/round: floor = best round (median in brackets); flwr = mean of rounds 3-5 (metrics.json 'seconds'). "
+        "CPU s/round: user+system seconds of all the run's processes (floor: its process, median round). "
+        "run s: command start to status 'completed' / to the command's exit (Ray shut down); "
+        "x N floors (N = rounds) uses the exit. acc: central test accuracy after the last round."
+    )
     for goal, met in s.get("goals_met", {}).items():
         lines.append(f"  {'MET   ' if met else 'MISSED'}  {goal}")
     return lines
@@ -830,16 +894,27 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default=str(DEFAULT_DATASET) if DEFAULT_DATASET.exists() else None,
-                        help=f"CIFAR-10 folder (default {DEFAULT_DATASET} when it exists)")
+    parser.add_argument(
+        "--dataset",
+        default=str(DEFAULT_DATASET) if DEFAULT_DATASET.exists() else None,
+        help=f"CIFAR-10 folder (default {DEFAULT_DATASET} when it exists)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results (default benchmarks/results.json)")
     parser.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS), help="steps to run (default all)")
-    parser.add_argument("--floor-rounds", type=int, default=5,
-                        help="rounds of the first floor variant, from the initial model (default 5: its accuracy is compared)")
+    parser.add_argument(
+        "--floor-rounds",
+        type=int,
+        default=5,
+        help="rounds of the first floor variant, from the initial model (default 5: its accuracy is compared)",
+    )
     parser.add_argument("--other-floor-rounds", type=int, default=2, help="rounds of the other variants (default 2)")
-    parser.add_argument("--floor-threads", type=int, nargs="+", default=None,
-                        help="torch thread counts to run the floor with (default: 1, then torch's default); "
-                             "the faster is the floor")
+    parser.add_argument(
+        "--floor-threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="torch thread counts to run the floor with (default: 1, then torch's default); the faster is the floor",
+    )
     parser.add_argument("--pil-rounds", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5, help="num-server-rounds of the flwr runs (default 5)")
     parser.add_argument("--warm-runs", type=int, default=2, help="warm-cache flwr runs; the best counts (default 2)")
@@ -847,13 +922,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-nodes", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per flwr run before it is ended")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, run folders, cache)")
-    parser.add_argument("--quiet-load", type=float, default=0.0,
-                        help="before each timed step wait until the 1-min load average is below this (0: don't)")
+    parser.add_argument(
+        "--quiet-load",
+        type=float,
+        default=0.0,
+        help="before each timed step wait until the 1-min load average is below this (0: don't)",
+    )
     parser.add_argument("--quiet-wait", type=float, default=300, help="longest wait for quiet, seconds")
-    parser.add_argument("--app", type=Path, default=REPO,
-                        help="Flower app folder for the flwr runs (default: this checkout); e.g. a copy with another pyproject.toml")
-    parser.add_argument("--report", type=Path, default=None,
-                        help="only re-summarise and print an existing results JSON (and rewrite its summary)")
+    parser.add_argument(
+        "--app",
+        type=Path,
+        default=REPO,
+        help="Flower app folder for the flwr runs (default: this checkout); e.g. a copy with another pyproject.toml",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        help="only re-summarise and print an existing results JSON (and rewrite its summary)",
+    )
     args = parser.parse_args(argv)
     if args.report:
         results = json.loads(args.report.read_text())
@@ -868,8 +955,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dataset or not Path(args.dataset).is_dir():
         parser.error(f"--dataset: no such folder ({args.dataset}); pass the CIFAR-10 parquet folder")
     dataset = str(Path(args.dataset).resolve())
-    if shutil.which("flwr", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}") is None \
-            and {"flwr", "scale"} & set(args.only):
+    if shutil.which("flwr", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}") is None and {
+        "flwr",
+        "scale",
+    } & set(args.only):
         parser.error("`flwr` is not on PATH: activate the project's virtual environment")
 
     QUIET.update(load=args.quiet_load, max_wait_s=args.quiet_wait)
@@ -877,9 +966,15 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="fedcifar-bench-"))
     bench_cache = workdir / "cache-bench"  # the floor's and the data step's own cache
     results: dict[str, Any] = {
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"), "dataset": dataset, "argv": sys.argv[1:],
-        "machine": machine(), "federation_config": args.federation_config, "workdir": str(workdir),
-        "app": str(APP_DIR["path"]), "rounds": args.rounds, "scale_nodes": args.scale_nodes,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "dataset": dataset,
+        "argv": sys.argv[1:],
+        "machine": machine(),
+        "federation_config": args.federation_config,
+        "workdir": str(workdir),
+        "app": str(APP_DIR["path"]),
+        "rounds": args.rounds,
+        "scale_nodes": args.scale_nodes,
     }
     log(f"working folder {workdir}; load average {load_average()}")
     try:
@@ -905,7 +1000,9 @@ def main(argv: list[str] | None = None) -> int:
                 floor_pass(first_rounds=1, other_rounds=1)
             warm_runs = results["flwr_warm_runs"] = []
             for index in range(1, args.warm_runs + 1):
-                warm_runs.append(run_flwr(f"flwr_warm_{index}", flwr_cache, run_config, federation, args.timeout, workdir))
+                warm_runs.append(
+                    run_flwr(f"flwr_warm_{index}", flwr_cache, run_config, federation, args.timeout, workdir)
+                )
                 log(f"flwr warm {index}: {_brief(warm_runs[-1])}")
                 if "floor" in args.only:
                     floor_pass(first_rounds=1, other_rounds=1)
@@ -915,12 +1012,15 @@ def main(argv: list[str] | None = None) -> int:
             results["scale"] = bench_partition_scale(dataset, bench_cache, args.scale_nodes)
             log(f"partitioning: {results['scale']}")
             scale_config = {
-                **run_config, "fraction-train": "0.01", "fraction-evaluate": "0.005", "min-train-nodes": "10",
-                "min-evaluate-nodes": "5", "min-available-nodes": str(args.scale_nodes),
+                **run_config,
+                "fraction-train": "0.01",
+                "fraction-evaluate": "0.005",
+                "min-train-nodes": "10",
+                "min-evaluate-nodes": "5",
+                "min-available-nodes": str(args.scale_nodes),
             }
             federation = federation_config(args.federation_config, **{"num-supernodes": args.scale_nodes})
-            results["flwr_scale"] = run_flwr("flwr_scale", bench_cache, scale_config, federation,
-                                             args.timeout, workdir)
+            results["flwr_scale"] = run_flwr("flwr_scale", bench_cache, scale_config, federation, args.timeout, workdir)
             log(f"flwr scale: {_brief(results['flwr_scale'])}")
     finally:
         results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -936,8 +1036,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _brief(run: dict[str, Any]) -> str:
-    keys = ("status", "startup_to_round1_s", "steady_round_s", "run_to_completed_s", "wall_s", "peak_rss_gb",
-            "peak_pss_gb", "final_central_accuracy", "startup_breakdown", "round_seconds")
+    keys = (
+        "status",
+        "startup_to_round1_s",
+        "steady_round_s",
+        "run_to_completed_s",
+        "wall_s",
+        "peak_rss_gb",
+        "peak_pss_gb",
+        "final_central_accuracy",
+        "startup_breakdown",
+        "round_seconds",
+    )
     return json.dumps({k: run.get(k) for k in keys})
 
 

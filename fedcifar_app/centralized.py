@@ -74,9 +74,7 @@ def parse_run_config_overrides(text: str) -> dict[str, Any]:
             values.update(tomli.loads(f"{key} = {value}"))
         except tomli.TOMLDecodeError:
             hint = f"; strings need quotes: {key}='{value}'" if not value.startswith(("'", '"')) else ""
-            raise UsageError(
-                f"--run-config {key}={value}: not a number, true/false or quoted string{hint}"
-            ) from None
+            raise UsageError(f"--run-config {key}={value}: not a number, true/false or quoted string{hint}") from None
     return values
 
 
@@ -146,11 +144,21 @@ def run_centralized(
     results = []
     for epoch in range(1, epochs + 1):
         started = time.monotonic()
-        with tqdm(total=batches, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
-                  disable=None if progress is None else not progress) as bar:
+        with tqdm(
+            total=batches,
+            desc=f"epoch {epoch}/{epochs}",
+            unit="batch",
+            leave=False,
+            disable=None if progress is None else not progress,
+        ) as bar:
             train_loss = training.train(
-                model, data.train, epochs=1, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                device=device, seed=derive_seed(config.seed, "centralized", partition_id, epoch),
+                model,
+                data.train,
+                epochs=1,
+                batch_size=config.batch_size,
+                learning_rate=config.learning_rate,
+                device=device,
+                seed=derive_seed(config.seed, "centralized", partition_id, epoch),
                 on_batch=lambda: bar.update(1),
             )
         val = training.evaluate(model, data.val, device)
@@ -175,11 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--app", default=".", help="the Flower app folder whose pyproject.toml to read (default: .)")
-    parser.add_argument("--run-config", default="", metavar="'K=V ...'",
-                        help="run-config overrides, the syntax of `flwr run --run-config`")
+    parser.add_argument(
+        "--run-config",
+        default="",
+        metavar="'K=V ...'",
+        help="run-config overrides, the syntax of `flwr run --run-config`",
+    )
     parser.add_argument("--partition-id", type=int, default=0, help="which partition to train on (default: 0)")
-    parser.add_argument("--num-partitions", type=int, default=10,
-                        help="how many partitions the training split is divided into (default: 10)")
+    parser.add_argument(
+        "--num-partitions",
+        type=int,
+        default=10,
+        help="how many partitions the training split is divided into (default: 10)",
+    )
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -203,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--epochs {args.epochs}: use an integer >= 1")
         config = build_config(Path(args.app), args.run_config)
         run_centralized(
-            config, partition_id=args.partition_id, num_partitions=args.num_partitions, epochs=args.epochs,
+            config,
+            partition_id=args.partition_id,
+            num_partitions=args.num_partitions,
+            epochs=args.epochs,
             progress=False if args.no_progress else None,
         )
     except (UsageError, ConfigError, DataError) as err:

@@ -9,8 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.app import Error
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -42,7 +41,7 @@ class NodeJob:
     model: Net
 
     @classmethod
-    def from_message(cls, msg: Message, context: Context) -> "NodeJob":
+    def from_message(cls, msg: Message, context: Context) -> NodeJob:
         config = RunConfig.from_run_config(context.run_config)
         node = NodeData.from_node_config(context.node_config)
         data = load_node_data(config, node)

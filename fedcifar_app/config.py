@@ -64,14 +64,13 @@ class RunConfig:
     verbose: bool = False
 
     @classmethod
-    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build and validate from Flower's run config (kebab-case keys)."""
         known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(run_config) - set(known))
         if unknown:
             raise ConfigError(
-                f"unknown run-config key(s) {', '.join(unknown)}: "
-                f"allowed keys are {', '.join(sorted(known))}"
+                f"unknown run-config key(s) {', '.join(unknown)}: allowed keys are {', '.join(sorted(known))}"
             )
         values = {}
         for key, value in run_config.items():
@@ -85,9 +84,7 @@ class RunConfig:
         out = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            out[field.name.replace("_", "-")] = (
-                value.value if isinstance(value, enum.Enum) else value
-            )
+            out[field.name.replace("_", "-")] = value.value if isinstance(value, enum.Enum) else value
         return out
 
     def validate(self) -> None:
@@ -147,10 +144,10 @@ class NodeData:
     data_path: str | None = None
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> "NodeData":
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeData:
         """Read ``partition-id``/``num-partitions`` or ``data-path`` from the node config."""
         usage = (
-            "start the SuperNode with --node-config \"partition-id=0 num-partitions=10\" "
+            'start the SuperNode with --node-config "partition-id=0 num-partitions=10" '
             "(a share of the run's dataset) or --node-config \"data-path='/path/to/data'\" (its own data)"
         )
         data_path = node_config.get("data-path")

@@ -32,12 +32,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SYNTHETIC_DATASET, ConfigError, NodeData, Partitioner, RunConfig
+from .config import SYNTHETIC_DATASET, NodeData, Partitioner, RunConfig
 from .model import IMAGE_SHAPE, NUM_CLASSES
 from .seeds import derive_seed
 
 CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 CACHE_FORMAT = 1  # bump when the stored layout changes, so old entries are never misread
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -132,9 +141,7 @@ def _split_files(folder: LocalFolder, split: str) -> list[Path]:
     elif folder.kind == "parquet":
         files = sorted(p for p in root.rglob("*.parquet") if _split_of(p.relative_to(root)) == split)
     else:
-        files = sorted(
-            p for p in (root / split).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        files = sorted(p for p in (root / split).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     return files
 
 
@@ -176,7 +183,8 @@ DECODE_THREADS_MAX = 4  # the decoders release the GIL; more threads than this g
 # torchvision 0.29 warns on every decode call that its decoders move to TorchCodec: thousands of
 # identical lines per run from every process. The decoders work; keep the logs readable.
 warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision are deprecated",
     category=DeprecationWarning,
 )
 
@@ -596,8 +604,13 @@ def split_train_val(data: ImageTensors, val_fraction: float, seed: int, where: s
 def load_node_data(config: RunConfig, node: NodeData) -> NodeSplits:
     """The node's train/validation tensors: its share of ``dataset`` or its own ``data-path``."""
     return _load_node_data(
-        config.dataset, config.partitioner, config.dirichlet_alpha, config.seed, config.val_fraction,
-        node, _node_fingerprint(config.dataset, node),
+        config.dataset,
+        config.partitioner,
+        config.dirichlet_alpha,
+        config.seed,
+        config.val_fraction,
+        node,
+        _node_fingerprint(config.dataset, node),
     )
 
 
@@ -609,8 +622,13 @@ def _node_fingerprint(dataset: str, node: NodeData) -> str:
 
 @functools.lru_cache(maxsize=32)
 def _load_node_data(
-    dataset: str, partitioner: Partitioner, alpha: float, seed: int, val_fraction: float,
-    node: NodeData, fingerprint: str,
+    dataset: str,
+    partitioner: Partitioner,
+    alpha: float,
+    seed: int,
+    val_fraction: float,
+    node: NodeData,
+    fingerprint: str,
 ) -> NodeSplits:
     """Cached per process on every value that defines the node's data (the files' fingerprint too)."""
     if node.data_path is not None:
@@ -658,7 +676,9 @@ def cache_main(argv: Sequence[str] | None = None) -> int:
             size = sum(f.stat().st_size for f in entry.iterdir())
             total += size
             meta = json.loads((entry / "meta.json").read_text())
-            print(f"  {entry.name}  {size / 2**20:8.1f} MiB  {meta['split']:5s}  {meta['rows']:6d} rows  {meta['source']}")
+            print(
+                f"  {entry.name}  {size / 2**20:8.1f} MiB  {meta['split']:5s}  {meta['rows']:6d} rows  {meta['source']}"
+            )
         print(f"{len(entries)} entries, {total / 2**20:.1f} MiB")
     else:
         if root.exists():

@@ -71,9 +71,7 @@ class SuperLinkPorts:
         """Read "SERVERAPPIO,FLEET,CONTROL", e.g. "9091,9092,9093"."""
         parts = [part.strip() for part in text.split(",")]
         if len(parts) != 3 or not all(part.isdigit() for part in parts):
-            raise argparse.ArgumentTypeError(
-                f"expected three ports SERVERAPPIO,FLEET,CONTROL, got {text!r}"
-            )
+            raise argparse.ArgumentTypeError(f"expected three ports SERVERAPPIO,FLEET,CONTROL, got {text!r}")
         ports = [int(part) for part in parts]
         if len(set(ports)) != 3 or not all(0 < port < 65536 for port in ports):
             raise argparse.ArgumentTypeError(f"need three distinct ports, got {text!r}")
@@ -277,9 +275,7 @@ def stop_processes(records: Sequence[ManagedProcess], grace_s: float) -> list[st
     for record in running:
         signal_session(record, signal.SIGKILL)
     kill_deadline = time.monotonic() + 5.0
-    while time.monotonic() < kill_deadline and any(
-        live_session_members(record) for record in running
-    ):
+    while time.monotonic() < kill_deadline and any(live_session_members(record) for record in running):
         _reap(running)
         time.sleep(POLL_INTERVAL_S)
     return [record.name for record in running]
@@ -354,8 +350,7 @@ def wait_until_ready(checks: Sequence[ReadinessCheck], timeout_s: float) -> None
         if pending and time.monotonic() > deadline:
             check = pending[0]
             raise DeployError(
-                f"{check.name} did not come up ({check.what}) within {timeout_s:g} s; "
-                f"read {check.log_path}"
+                f"{check.name} did not come up ({check.what}) within {timeout_s:g} s; read {check.log_path}"
             )
         if pending:
             time.sleep(POLL_INTERVAL_S)
@@ -384,8 +379,7 @@ def check_ports_free(host: str, ports: Sequence[int]) -> None:
                 probe.bind((host, port))
             except OSError as err:
                 raise DeployError(
-                    f"port {host}:{port} is already in use ({err.strerror}); "
-                    "stop what holds it or choose other ports"
+                    f"port {host}:{port} is already in use ({err.strerror}); stop what holds it or choose other ports"
                 ) from err
 
 
@@ -426,9 +420,7 @@ def _certificate_covers(certificate_path: Path, names: Sequence[str]) -> bool:
     """True if the certificate exists, names all of `names`, and is valid past tomorrow."""
     try:
         certificate = x509.load_pem_x509_certificate(certificate_path.read_bytes())
-        covered = certificate.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value
+        covered = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (OSError, ValueError, x509.ExtensionNotFound):
         return False
     expires = getattr(certificate, "not_valid_after_utc", None)  # cryptography >= 42
@@ -436,9 +428,7 @@ def _certificate_covers(certificate_path: Path, names: Sequence[str]) -> bool:
         expires = certificate.not_valid_after.replace(tzinfo=datetime.timezone.utc)
     now = datetime.datetime.now(datetime.timezone.utc)
     not_expired = expires > now + datetime.timedelta(days=1)
-    return not_expired and all(
-        entry in covered for entry in _subject_alternative_names(names)
-    )
+    return not_expired and all(entry in covered for entry in _subject_alternative_names(names))
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -482,9 +472,15 @@ def ensure_tls_files(cert_dir: Path, names: Sequence[str], valid_days: int = 365
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True,
-                content_commitment=False, key_encipherment=False, data_encipherment=False,
-                key_agreement=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -504,16 +500,12 @@ def ensure_tls_files(cert_dir: Path, names: Sequence[str], valid_days: int = 365
         .add_extension(x509.SubjectAlternativeName(_subject_alternative_names(names)), False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)
         .sign(ca_key, hashes.SHA256())
     )
 
     files.ca_certificate.write_bytes(ca_certificate.public_bytes(serialization.Encoding.PEM))
-    files.server_certificate.write_bytes(
-        server_certificate.public_bytes(serialization.Encoding.PEM)
-    )
+    files.server_certificate.write_bytes(server_certificate.public_bytes(serialization.Encoding.PEM))
     _write_private(
         files.server_key,
         server_key.private_bytes(
@@ -555,9 +547,7 @@ def ensure_node_key(key_dir: Path, name: str) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- #
 # Talking to the SuperLink with the `flwr` CLI
 # --------------------------------------------------------------------------- #
-def write_control_project(
-    project_dir: Path, control_address: str, ca_certificate: Path | None
-) -> Path:
+def write_control_project(project_dir: Path, control_address: str, ca_certificate: Path | None) -> Path:
     """A minimal Flower project whose one federation is exactly this SuperLink.
 
     `flwr supernode register` takes its address and CA from a pyproject.toml and
@@ -616,14 +606,27 @@ def register_node_keys(
     registrations = []
     for public_key in public_keys:
         command = [
-            flower_executable("flwr"), "supernode", "register", str(public_key),
-            str(control_project), CONTROL_FEDERATION, "--format", "json",
+            flower_executable("flwr"),
+            "supernode",
+            "register",
+            str(public_key),
+            str(control_project),
+            CONTROL_FEDERATION,
+            "--format",
+            "json",
         ]
         registrations.append(
-            (public_key, subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, text=True, env=env,
-            ))
+            (
+                public_key,
+                subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                ),
+            )
         )
     deadline = time.monotonic() + timeout_s
     node_ids, failure = [], None
@@ -650,23 +653,27 @@ def register_node_keys(
 # --------------------------------------------------------------------------- #
 # Commands for the Flower processes
 # --------------------------------------------------------------------------- #
-def superlink_command(
-    ports: SuperLinkPorts, host: str, tls: TlsFiles | None, enable_auth: bool
-) -> list[str]:
+def superlink_command(ports: SuperLinkPorts, host: str, tls: TlsFiles | None, enable_auth: bool) -> list[str]:
     """`flower-superlink` arguments; ServerAppIo stays on loopback (it has no TLS)."""
     command = [
         flower_executable("flower-superlink"),
-        "--serverappio-api-address", f"127.0.0.1:{ports.serverappio}",
-        "--fleet-api-address", f"{host}:{ports.fleet}",
-        "--control-api-address", f"{host}:{ports.control}",
+        "--serverappio-api-address",
+        f"127.0.0.1:{ports.serverappio}",
+        "--fleet-api-address",
+        f"{host}:{ports.fleet}",
+        "--control-api-address",
+        f"{host}:{ports.control}",
     ]
     if tls is None:
         command.append("--insecure")
     else:
         command += [
-            "--ssl-ca-certfile", str(tls.ca_certificate),
-            "--ssl-certfile", str(tls.server_certificate),
-            "--ssl-keyfile", str(tls.server_key),
+            "--ssl-ca-certfile",
+            str(tls.ca_certificate),
+            "--ssl-certfile",
+            str(tls.server_certificate),
+            "--ssl-keyfile",
+            str(tls.server_key),
         ]
     if enable_auth:
         command.append("--enable-supernode-auth")
@@ -690,8 +697,10 @@ def supernode_command(
     """
     command = [
         flower_executable("flower-supernode"),
-        "--superlink", fleet_address,
-        "--clientappio-api-address", clientappio_address,
+        "--superlink",
+        fleet_address,
+        "--clientappio-api-address",
+        clientappio_address,
     ]
     if insecure is None:
         insecure = root_certificates is None
@@ -720,9 +729,7 @@ def data_path_node_config(path: Path) -> str:
     raise DeployError(f"--data-path {text!r}: a path with both quote kinds cannot be passed")
 
 
-def node_configs(
-    num_nodes: int, explicit: Sequence[str] | None, data_paths: Sequence[str] | None
-) -> list[str]:
+def node_configs(num_nodes: int, explicit: Sequence[str] | None, data_paths: Sequence[str] | None) -> list[str]:
     """One --node-config string per SuperNode.
 
     Default: `partition-id=i num-partitions=N`. `--data-path` gives a node its own
@@ -733,9 +740,7 @@ def node_configs(
     data_paths = list(data_paths or [])
     for flag, values in (("--node-config", explicit), ("--data-path", data_paths)):
         if values and len(values) != num_nodes:
-            raise DeployError(
-                f"{flag} given {len(values)}x for --nodes {num_nodes}; give it once per node"
-            )
+            raise DeployError(f"{flag} given {len(values)}x for --nodes {num_nodes}; give it once per node")
     configs = []
     for index in range(num_nodes):
         parts = []
@@ -771,29 +776,47 @@ class Launcher:
     started: list[ManagedProcess] = field(default_factory=list)
 
     def launch(
-        self, name: str, command: list[str], env: dict[str, str], address: str,
+        self,
+        name: str,
+        command: list[str],
+        env: dict[str, str],
+        address: str,
         node_config: str = "",
     ) -> subprocess.Popen[bytes]:
         """Start `command` as `name`, logging to logs/<name>.log."""
         log_path = self.logs / f"{name}.log"
         process = start_process(name, command, log_path, self.working_directory, env)
-        self.started.append(ManagedProcess(
-            name=name, pid=process.pid, start_ticks=process_start_ticks(process.pid),
-            log=str(log_path), command=command, address=address, node_config=node_config,
-        ))
+        self.started.append(
+            ManagedProcess(
+                name=name,
+                pid=process.pid,
+                start_ticks=process_start_ticks(process.pid),
+                log=str(log_path),
+                command=command,
+                address=address,
+                node_config=node_config,
+            )
+        )
         self.state.processes = list(self.started)
         save_state(self.state)
         return process
 
 
 def start_superlink(
-    launcher: Launcher, ports: SuperLinkPorts, host: str, tls: TlsFiles | None,
-    enable_auth: bool, env: dict[str, str], timeout_s: float,
+    launcher: Launcher,
+    ports: SuperLinkPorts,
+    host: str,
+    tls: TlsFiles | None,
+    enable_auth: bool,
+    env: dict[str, str],
+    timeout_s: float,
 ) -> None:
     """Start the SuperLink and wait until its three APIs accept connections."""
     state = launcher.state
     process = launcher.launch(
-        "superlink", superlink_command(ports, host, tls, enable_auth), env,
+        "superlink",
+        superlink_command(ports, host, tls, enable_auth),
+        env,
         address=f"Fleet {state.fleet_address}, Control {state.control_address}",
     )
     endpoints = [state.serverappio_address, state.fleet_address, state.control_address]
@@ -802,48 +825,67 @@ def start_superlink(
         return all(port_accepts(*split_address(endpoint)) for endpoint in endpoints)
 
     wait_until_ready(
-        [ReadinessCheck(
-            "superlink", process, launcher.logs / "superlink.log", all_ports_accept,
-            f"ports {ports.serverappio}, {ports.fleet}, {ports.control} accepting connections",
-        )],
+        [
+            ReadinessCheck(
+                "superlink",
+                process,
+                launcher.logs / "superlink.log",
+                all_ports_accept,
+                f"ports {ports.serverappio}, {ports.fleet}, {ports.control} accepting connections",
+            )
+        ],
         timeout_s,
     )
 
 
 def start_supernodes(
-    launcher: Launcher, node_configs_: Sequence[str], clientappio_ports: Sequence[int],
-    tls: TlsFiles | None, private_keys: Sequence[Path | None], args: argparse.Namespace,
+    launcher: Launcher,
+    node_configs_: Sequence[str],
+    clientappio_ports: Sequence[int],
+    tls: TlsFiles | None,
+    private_keys: Sequence[Path | None],
+    args: argparse.Namespace,
 ) -> None:
     """Start all SuperNodes, then wait until each one is accepted by the SuperLink."""
     checks = []
     for index, (config, port, private_key) in enumerate(
-        zip(node_configs_, clientappio_ports, private_keys)
+        zip(node_configs_, clientappio_ports, private_keys, strict=True)
     ):
         name = f"supernode-{index}"
         command = supernode_command(
-            launcher.state.fleet_address, f"127.0.0.1:{port}", config,
-            tls.ca_certificate if tls else None, private_key,
-            args.supernode_max_retries, args.supernode_max_wait_time,
+            launcher.state.fleet_address,
+            f"127.0.0.1:{port}",
+            config,
+            tls.ca_certificate if tls else None,
+            private_key,
+            args.supernode_max_retries,
+            args.supernode_max_wait_time,
         )
         flower_home = Path(launcher.state.directory) / "flwr-home" / name
         process = launcher.launch(
-            name, command, child_environment(flower_home),
-            address=f"ClientAppIo 127.0.0.1:{port}", node_config=config,
+            name,
+            command,
+            child_environment(flower_home),
+            address=f"ClientAppIo 127.0.0.1:{port}",
+            node_config=config,
         )
         log_path = launcher.logs / f"{name}.log"
-        checks.append(ReadinessCheck(
-            name, process, log_path,
-            lambda log_path=log_path, port=port: (
-                log_contains(log_path, SUPERNODE_CONNECTED_MARKER)
-                and port_accepts("127.0.0.1", port)
-            ),
-            "connecting to the SuperLink",
-        ))
+        checks.append(
+            ReadinessCheck(
+                name,
+                process,
+                log_path,
+                lambda log_path=log_path, port=port: (
+                    log_contains(log_path, SUPERNODE_CONNECTED_MARKER) and port_accepts("127.0.0.1", port)
+                ),
+                "connecting to the SuperLink",
+            )
+        )
     wait_until_ready(checks, args.ready_timeout)
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """"host:port" -> (host, port)."""
+    """ "host:port" -> (host, port)."""
     host, _, port = address.rpartition(":")
     return host, int(port)
 
@@ -859,8 +901,7 @@ def bring_up(args: argparse.Namespace) -> DeploymentState:
     previous = load_state(deploy_dir)
     if previous is not None and deployment_is_running(previous):
         raise DeployError(
-            f"a deployment from {deploy_dir} is still running; "
-            f"run `fedcifar-deploy down --dir {args.dir}` first"
+            f"a deployment from {deploy_dir} is still running; run `fedcifar-deploy down --dir {args.dir}` first"
         )
     ports: SuperLinkPorts = args.superlink_ports
     clientappio_ports = [args.clientappio_base_port + index for index in range(args.nodes)]
@@ -897,14 +938,13 @@ def bring_up(args: argparse.Namespace) -> DeploymentState:
 
         private_keys: list[Path | None] = [None] * args.nodes
         if args.auth:
-            key_pairs = [
-                ensure_node_key(deploy_dir / "keys", f"supernode-{index}")
-                for index in range(args.nodes)
-            ]
+            key_pairs = [ensure_node_key(deploy_dir / "keys", f"supernode-{index}") for index in range(args.nodes)]
             private_keys = [private for private, _ in key_pairs]
             # Registered before the SuperNodes start: the SuperLink refuses unknown keys.
             register_node_keys(
-                [public for _, public in key_pairs], control_project, superlink_env,
+                [public for _, public in key_pairs],
+                control_project,
+                superlink_env,
                 args.ready_timeout,
             )
         start_supernodes(launcher, configs, clientappio_ports, tls, private_keys, args)
@@ -938,17 +978,13 @@ def describe(state: DeploymentState) -> str:
         alive = "running" if live_session_members(record) else "stopped"
         extra = f"  node-config: {record.node_config}" if record.node_config else ""
         lines.append(
-            f"{record.name:<12} pid {record.pid:<7} {alive:<8} {record.address}{extra}\n"
-            f"{'':<12} log {record.log}"
+            f"{record.name:<12} pid {record.pid:<7} {alive:<8} {record.address}{extra}\n{'':<12} log {record.log}"
         )
     security = "TLS" if state.tls else "insecure (no TLS)"
     if state.auth:
         security += " + SuperNode authentication"
     lines.append(f"security: {security}" + (f", CA {state.ca_certificate}" if state.tls else ""))
-    lines.append(
-        f"ServerApp working directory: {state.working_directory} "
-        "(a relative output-dir lands here)"
-    )
+    lines.append(f"ServerApp working directory: {state.working_directory} (a relative output-dir lands here)")
     return "\n".join(lines)
 
 
@@ -1009,11 +1045,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add_dir(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
-            "--dir", default=DEFAULT_DEPLOY_DIR,
+            "--dir",
+            default=DEFAULT_DEPLOY_DIR,
             help=f"folder for logs, certificates, keys and the pid file (default: {DEFAULT_DEPLOY_DIR})",
         )
         sub.add_argument(
-            "--stop-grace", type=float, default=DEFAULT_STOP_GRACE_S,
+            "--stop-grace",
+            type=float,
+            default=DEFAULT_STOP_GRACE_S,
             help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)",
         )
 
@@ -1022,47 +1061,63 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (default: 2)")
     up.add_argument("--tls", action="store_true", help="TLS with a generated CA (DIR/certs)")
     up.add_argument(
-        "--auth", action="store_true",
+        "--auth",
+        action="store_true",
         help="SuperNode authentication: a registered P-384 key per node (needs --tls)",
     )
     up.add_argument(
-        "--superlink-ports", type=SuperLinkPorts.parse,
-        default=SuperLinkPorts(*DEFAULT_SUPERLINK_PORTS), metavar="SERVERAPPIO,FLEET,CONTROL",
+        "--superlink-ports",
+        type=SuperLinkPorts.parse,
+        default=SuperLinkPorts(*DEFAULT_SUPERLINK_PORTS),
+        metavar="SERVERAPPIO,FLEET,CONTROL",
         help="SuperLink ports (default: 9091,9092,9093)",
     )
     up.add_argument(
-        "--clientappio-base-port", type=int, default=DEFAULT_CLIENTAPPIO_BASE_PORT,
+        "--clientappio-base-port",
+        type=int,
+        default=DEFAULT_CLIENTAPPIO_BASE_PORT,
         help="ClientAppIo port of the first SuperNode; the next ones count up (default: 9094)",
     )
     up.add_argument(
-        "--node-config", action="append", metavar='"k=v ..."',
-        help="node config of one SuperNode; give once per node "
-        "(default: partition-id=i num-partitions=N)",
+        "--node-config",
+        action="append",
+        metavar='"k=v ..."',
+        help="node config of one SuperNode; give once per node (default: partition-id=i num-partitions=N)",
     )
     up.add_argument(
-        "--data-path", action="append", metavar="FOLDER",
+        "--data-path",
+        action="append",
+        metavar="FOLDER",
         help="a SuperNode's own data folder, node config data-path=FOLDER; once per node",
     )
     up.add_argument(
-        "--host", default="127.0.0.1",
-        help="address the Fleet and Control APIs listen on; 0.0.0.0 to accept "
-        "other machines (default: 127.0.0.1)",
+        "--host",
+        default="127.0.0.1",
+        help="address the Fleet and Control APIs listen on; 0.0.0.0 to accept other machines (default: 127.0.0.1)",
     )
     up.add_argument(
-        "--tls-san", action="append", default=[], metavar="NAME",
+        "--tls-san",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="extra host name or IP for the SuperLink certificate (repeatable)",
     )
     up.add_argument(
-        "--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S,
-        help="seconds the SuperLink, then all SuperNodes together, may take to come up "
-        "(default: %(default)s)",
+        "--ready-timeout",
+        type=float,
+        default=DEFAULT_READY_TIMEOUT_S,
+        help="seconds the SuperLink, then all SuperNodes together, may take to come up (default: %(default)s)",
     )
     up.add_argument(
-        "--supernode-max-retries", type=int, default=DEFAULT_SUPERNODE_MAX_RETRIES,
+        "--supernode-max-retries",
+        type=int,
+        default=DEFAULT_SUPERNODE_MAX_RETRIES,
         help="reconnection attempts before a SuperNode gives up (default: %(default)s)",
     )
     up.add_argument(
-        "--supernode-max-wait-time", type=float, default=DEFAULT_SUPERNODE_MAX_WAIT_S,
+        "--supernode-max-wait-time",
+        type=float,
+        default=DEFAULT_SUPERNODE_MAX_WAIT_S,
         help="seconds a SuperNode keeps reconnecting before it gives up (default: %(default)s)",
     )
     up.set_defaults(handler=command_up)

@@ -92,14 +92,14 @@ def write_curves(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     loss_axes.set_ylabel("cross-entropy loss")
     loss_axes.set_title("Loss")
     figure.suptitle(
-        f"Federated training after {last} round{'s' if last != 1 else ''}" if last else "Federated training: initial model"
+        f"Federated training after {last} round{'s' if last != 1 else ''}"
+        if last
+        else "Federated training: initial model"
     )
     _render(figure, path, dpi=100)
 
 
-def write_samples(
-    path: Path, data: ImageTensors, class_names: Sequence[str], *, where: str = "partition 0"
-) -> None:
+def write_samples(path: Path, data: ImageTensors, class_names: Sequence[str], *, where: str = "partition 0") -> None:
     """samples.png: the first 32 training images of a partition with their class names (4 x 8 grid).
 
     ``where`` names the data in the title, e.g. "partition 0 of 10". The grid is one image

@@ -110,7 +110,7 @@ class Checkpoint:
         }
 
     @classmethod
-    def load(cls, run_folder: Path) -> "Checkpoint":
+    def load(cls, run_folder: Path) -> Checkpoint:
         """Read a run folder's checkpoint with ``weights_only=True``; anything unusable is a ConfigError."""
         where = f"run-config resume-from={str(run_folder)!r}"
         path = run_folder / CHECKPOINT
@@ -172,7 +172,7 @@ class RunRecorder:
     round_started: float = field(default_factory=time.monotonic)
 
     @classmethod
-    def start(cls, folder: Path, config: RunConfig, resumed: Checkpoint | None) -> "RunRecorder":
+    def start(cls, folder: Path, config: RunConfig, resumed: Checkpoint | None) -> RunRecorder:
         run_config = config.to_run_config()
         recorder = cls(folder=folder, run_config=run_config)
         atomic_write_json(folder / CONFIG, run_config)
@@ -198,10 +198,15 @@ class RunRecorder:
         """Aggregated client metrics of the round in progress (train or evaluate)."""
         self.pending.update({k: float(v) for k, v in metrics.items()})
 
-    def finish_round(self, round_number: int, central_loss: float, central_accuracy: float,
-                     weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def finish_round(
+        self, round_number: int, central_loss: float, central_accuracy: float, weights: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
         """Append the round's row, then checkpoint: a kill between the two re-runs this round, never skips it."""
-        row: dict[str, Any] = {"round": round_number, "central-accuracy": central_accuracy, "central-loss": central_loss}
+        row: dict[str, Any] = {
+            "round": round_number,
+            "central-accuracy": central_accuracy,
+            "central-loss": central_loss,
+        }
         for key in ("eval-accuracy", "eval-loss", "train-loss"):
             row[key] = self.pending.get(key)
         row["seconds"] = round(time.monotonic() - self.round_started, 3)
@@ -227,12 +232,14 @@ class RunRecorder:
 
     def finish_run(self, weights: dict[str, torch.Tensor]) -> None:
         atomic_torch_save(self.folder / FINAL_MODEL, weights)
-        self.set_status("completed", rounds=self.rows[-1]["round"] if self.rows else 0,
-                        best_central_accuracy=self.best_accuracy)
+        self.set_status(
+            "completed", rounds=self.rows[-1]["round"] if self.rows else 0, best_central_accuracy=self.best_accuracy
+        )
 
 
 def format_row(row: Mapping[str, Any]) -> str:
     """One line per round: what a person watching the run wants to see."""
+
     def fmt(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
@@ -252,8 +259,13 @@ def summary_table(rows: list[Mapping[str, Any]]) -> str:
             f"{row['round']:>5}",
             *(
                 f"{'-' if row[k] is None else format(row[k], '.4f'):>{w}}"
-                for k, w in (("central-accuracy", 11), ("central-loss", 12), ("eval-accuracy", 8),
-                             ("eval-loss", 9), ("train-loss", 10))
+                for k, w in (
+                    ("central-accuracy", 11),
+                    ("central-loss", 12),
+                    ("eval-accuracy", 8),
+                    ("eval-loss", 9),
+                    ("train-loss", 10),
+                )
             ),
             f"{row['seconds']:>7.1f}",
         ]

@@ -55,8 +55,12 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
     logger.info("fedcifar_app run folder: %s", folder)
     logger.info(
         "Server on %s | PyTorch %s | Flower %s | Python %s | %s | dataset %s",
-        device, torch.__version__, flwr.__version__, platform.python_version(),
-        "simulation" if simulation else "deployment", config.dataset,
+        device,
+        torch.__version__,
+        flwr.__version__,
+        platform.python_version(),
+        "simulation" if simulation else "deployment",
+        config.dataset,
     )
 
     check_dataset(config.dataset)
@@ -96,8 +100,9 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
             return None  # the resumed run's rounds are already recorded
         model.load_state_dict(arrays.to_torch_state_dict())
         result = training.evaluate(model, test_data, device)
-        row = recorder.finish_round(recorder.to_global(server_round), result.loss, result.accuracy,
-                                    training.get_weights(model))
+        row = recorder.finish_round(
+            recorder.to_global(server_round), result.loss, result.accuracy, training.get_weights(model)
+        )
         logger.info("%s", format_row(row))
         return MetricRecord({"central-accuracy": result.accuracy, "central-loss": result.loss})
 
@@ -120,11 +125,16 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
 def write_samples(folder: Path, config: RunConfig, num_partitions: int) -> None:
     """samples.png: partition 0's first training images; a plotting failure is a warning, never a failed run."""
     try:
-        from .plots import SAMPLES, write_samples as plot_samples
+        from .plots import SAMPLES
+        from .plots import write_samples as plot_samples
 
         node = NodeData(partition_id=0, num_partitions=num_partitions)
-        plot_samples(folder / SAMPLES, load_node_data(config, node).train, class_names(config.dataset),
-                     where=f"partition 0 of {num_partitions}")
+        plot_samples(
+            folder / SAMPLES,
+            load_node_data(config, node).train,
+            class_names(config.dataset),
+            where=f"partition 0 of {num_partitions}",
+        )
     except Exception as err:
         logger.warning("could not write samples.png (%s: %s); the run goes on", type(err).__name__, err)
 
@@ -136,8 +146,11 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig) -> dict[
     the run here, before any training.
     """
     messages = [
-        Message(RecordDict({"config": ConfigRecord({"server-round": 0})}), message_type=MessageType.QUERY,
-                dst_node_id=node_id)
+        Message(
+            RecordDict({"config": ConfigRecord({"server-round": 0})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node_id,
+        )
         for node_id in node_ids
     ]
     replies = replies_by_node(messages, grid.send_and_receive(messages, timeout=config.round_timeout))
@@ -162,7 +175,10 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig) -> dict[
         logger.warning("data check: %s; the run goes on, and this node fails its rounds until it is fixed", failure)
     logger.info(
         "Data check: %d nodes ready, %d training samples (%d to %d per node)",
-        len(names), sum(train_sizes), min(train_sizes), max(train_sizes),
+        len(names),
+        sum(train_sizes),
+        min(train_sizes),
+        max(train_sizes),
     )
     return names
 

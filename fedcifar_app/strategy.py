@@ -33,10 +33,7 @@ def replies_by_node(sent: Iterable[Message], replies: Iterable[Message]) -> dict
     its own node id. The grid sets each sent message's id when it pushes it.
     """
     destination = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
-    return {
-        destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id): reply
-        for reply in replies
-    }
+    return {destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id): reply for reply in replies}
 
 
 class RunAborted(RuntimeError):
@@ -71,7 +68,9 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, simulation: bool)
         if now >= next_report:
             logger.info(
                 "Waiting for SuperNodes: %d connected, %d needed (giving up in %.0fs)",
-                len(node_ids), needed, deadline - now,
+                len(node_ids),
+                needed,
+                deadline - now,
             )
             next_report = now + 10.0
         time.sleep(0.5)
@@ -161,6 +160,9 @@ class RecordingFedAvg(FedAvg):
                 self._reported.add((round_number, node_id))
                 logger.warning(
                     "round %d %s: node %s failed: %s",
-                    round_number, stage, self.node_names.get(node_id, node_id), reason,
+                    round_number,
+                    stage,
+                    self.node_names.get(node_id, node_id),
+                    reason,
                 )
         return sum(not reply.has_error() for reply in replies)

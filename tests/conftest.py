@@ -61,14 +61,22 @@ def write_parquet_split(path: Path, images: list[bytes], labels: list[int]) -> N
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    img = pa.array([{"bytes": b, "path": None} for b in images],
-                   type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    img = pa.array(
+        [{"bytes": b, "path": None} for b in images], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
     pq.write_table(pa.table({"img": img, "label": pa.array(labels, pa.int64())}), path)
 
 
 def make_parquet_dataset(
-    folder: Path, n_train: int = 120, n_test: int = 40, *, size: int = 32, channels: int = 3,
-    image_format: str = "JPEG", label_offset: int = 0, seed: int = 0,
+    folder: Path,
+    n_train: int = 120,
+    n_test: int = 40,
+    *,
+    size: int = 32,
+    channels: int = 3,
+    image_format: str = "JPEG",
+    label_offset: int = 0,
+    seed: int = 0,
 ) -> Path:
     """A learnable little CIFAR-shaped dataset (class = dominant colour block) as train/test parquet."""
     rng = np.random.default_rng(seed)
@@ -79,7 +87,9 @@ def make_parquet_dataset(
             pixels = rng.integers(0, 60, size=(size, size, channels), dtype=np.uint8)
             pixels[(label * 3) % size : (label * 3) % size + 4, :, :] = 250
             images.append(encode_image(pixels, image_format))
-        write_parquet_split(folder / f"{split}-00000-of-00001.parquet", images, [l + label_offset for l in labels])
+        write_parquet_split(
+            folder / f"{split}-00000-of-00001.parquet", images, [value + label_offset for value in labels]
+        )
     return folder
 
 
@@ -98,8 +108,15 @@ class FlwrRun:
         return json.loads((self.run_folder / "metrics.json").read_text())
 
 
-def run_flwr(output_dir: Path, run_config: str, *, federation_config: str = SMALL_FEDERATION,
-             env: dict | None = None, timeout: float = 240, extra_args: tuple[str, ...] = ()) -> FlwrRun:
+def run_flwr(
+    output_dir: Path,
+    run_config: str,
+    *,
+    federation_config: str = SMALL_FEDERATION,
+    env: dict | None = None,
+    timeout: float = 240,
+    extra_args: tuple[str, ...] = (),
+) -> FlwrRun:
     """`flwr run .` in its own process group (a killed CLI leaves Ray running otherwise).
 
     flwr 1.25 exits 0 even when the ServerApp fails, so callers judge the run by its folder.
@@ -108,8 +125,15 @@ def run_flwr(output_dir: Path, run_config: str, *, federation_config: str = SMAL
     command = [str(BIN / "flwr"), "run", ".", *extra_args, "--run-config", f"{run_config} output-dir='{output_dir}'"]
     if federation_config:
         command += ["--federation-config", federation_config]
-    process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_NODES, encode_image, federation_override, make_parquet_dataset, run_flwr, write_parquet_split
 
-from conftest import SMALL_NODES, federation_override, encode_image, make_parquet_dataset, run_flwr, write_parquet_split
 from fedcifar_app.config import ConfigError, NodeData, RunConfig
 from fedcifar_app.data import DataError, check_dataset, load_node_data, load_split
 from fedcifar_app.results import Checkpoint, create_run_folder
@@ -68,8 +68,9 @@ def without_test_split(root: Path) -> Path:
 def foreign_checkpoint(root: Path) -> Path:
     root.mkdir(parents=True)
     weights = {"fc.weight": torch.zeros(3, 5), "fc.bias": torch.zeros(3)}
-    torch.save({"round": 1, "weights": weights, "metrics": [], "best-accuracy": 0.1, "run-config": {}},
-               root / "checkpoint.pt")
+    torch.save(
+        {"round": 1, "weights": weights, "metrics": [], "best-accuracy": 0.1, "run-config": {}}, root / "checkpoint.pt"
+    )
     return root
 
 
@@ -85,36 +86,77 @@ CASES: list[tuple[str, Callable[[Path], object], tuple[str, ...]]] = [
     ("val-fraction 1", lambda t: config(**{"val-fraction": 1.0}), ("val-fraction=1.0", "(0, 1)")),
     ("wrong type", lambda t: config(**{"local-epochs": "two"}), ("local-epochs='two'", "integer")),
     ("unknown key", lambda t: config(**{"rounds": 3}), ("rounds", "allowed keys")),
-    ("min nodes > available", lambda t: config(**{"min-train-nodes": 12}), ("min-available-nodes=10", "min-train-nodes (12)")),
+    (
+        "min nodes > available",
+        lambda t: config(**{"min-train-nodes": 12}),
+        ("min-available-nodes=10", "min-train-nodes (12)"),
+    ),
     ("dataset path missing", lambda t: check_dataset(str(t / "nope")), ("dataset=", "no such folder")),
     ("dataset is a file", lambda t: check_dataset(str(Path(__file__))), ("is a file", "folder")),
     ("no test split", lambda t: check_dataset(str(without_test_split(t / "d"))), ("no 'test' split",)),
-    ("missing img/label columns", lambda t: load_split(str(wrong_columns(t / "d")), "train"),
-     ("lacks column(s) img, label", "uoft-cs/cifar10")),
-    ("images not 32x32", lambda t: load_split(str(images_of(
-        t / "d", np.zeros((4, 28, 28, 3), np.uint8), [0, 1, 2, 3])), "train"), ("28x28", "32x32 RGB")),
-    ("grayscale images", lambda t: load_split(str(images_of(
-        t / "d", np.zeros((4, 32, 32, 1), np.uint8), [0, 1, 2, 3])), "train"), ("1 channel", "32x32 RGB")),
-    ("labels outside 0..9", lambda t: load_split(str(make_parquet_dataset(t / "d", 20, 10, label_offset=1)), "train"),
-     ("label 10", "outside 0..9")),
-    ("corrupt parquet", lambda t: load_split(str(corrupt_parquet(t / "d")), "train"),
-     ("cannot read", "train-00000-of-00001.parquet", "replace")),
-    ("too many partitions", lambda t: load_node_data(config(dataset="synthetic"), NodeData(2999, 3000)),
-     ("partition 2999 of 3000", "fewer nodes")),
-    ("dirichlet leaves a node empty", lambda t: load_node_data(
-        config(dataset="synthetic", partitioner="dirichlet", **{"dirichlet-alpha": 0.001}), NodeData(0, 500)),
-     ("dirichlet-alpha=0.001", "500 nodes", "raise dirichlet-alpha")),
-    ("node config without partition", lambda t: NodeData.from_node_config({"partition": 1}),
-     ("partition-id and num-partitions, or data-path", "--node-config")),
+    (
+        "missing img/label columns",
+        lambda t: load_split(str(wrong_columns(t / "d")), "train"),
+        ("lacks column(s) img, label", "uoft-cs/cifar10"),
+    ),
+    (
+        "images not 32x32",
+        lambda t: load_split(str(images_of(t / "d", np.zeros((4, 28, 28, 3), np.uint8), [0, 1, 2, 3])), "train"),
+        ("28x28", "32x32 RGB"),
+    ),
+    (
+        "grayscale images",
+        lambda t: load_split(str(images_of(t / "d", np.zeros((4, 32, 32, 1), np.uint8), [0, 1, 2, 3])), "train"),
+        ("1 channel", "32x32 RGB"),
+    ),
+    (
+        "labels outside 0..9",
+        lambda t: load_split(str(make_parquet_dataset(t / "d", 20, 10, label_offset=1)), "train"),
+        ("label 10", "outside 0..9"),
+    ),
+    (
+        "corrupt parquet",
+        lambda t: load_split(str(corrupt_parquet(t / "d")), "train"),
+        ("cannot read", "train-00000-of-00001.parquet", "replace"),
+    ),
+    (
+        "too many partitions",
+        lambda t: load_node_data(config(dataset="synthetic"), NodeData(2999, 3000)),
+        ("partition 2999 of 3000", "fewer nodes"),
+    ),
+    (
+        "dirichlet leaves a node empty",
+        lambda t: load_node_data(
+            config(dataset="synthetic", partitioner="dirichlet", **{"dirichlet-alpha": 0.001}), NodeData(0, 500)
+        ),
+        ("dirichlet-alpha=0.001", "500 nodes", "raise dirichlet-alpha"),
+    ),
+    (
+        "node config without partition",
+        lambda t: NodeData.from_node_config({"partition": 1}),
+        ("partition-id and num-partitions, or data-path", "--node-config"),
+    ),
     ("resume-from not a run folder", lambda t: Checkpoint.load(t), ("resume-from=", "not a run folder")),
-    ("resume-from another model", lambda t: Checkpoint.load(foreign_checkpoint(t / "run")),
-     ("resume-from=", "another shape")),
-    ("output-dir not writable", lambda t: create_run_folder((t / "file").touch() or t / "file" / "out"),
-     ("output-dir=", "cannot be written")),
-    ("fewer simulated nodes than needed", lambda t: wait_for_nodes(FixedGrid(3), 10, 60, simulation=True),
-     ("3 SuperNodes", "needs 10", "options.num-supernodes")),
-    ("nodes never arrive", lambda t: wait_for_nodes(FixedGrid(1), 2, 0.5, simulation=False),
-     ("only 1 of the 2", "node-wait-timeout=0.5s")),
+    (
+        "resume-from another model",
+        lambda t: Checkpoint.load(foreign_checkpoint(t / "run")),
+        ("resume-from=", "another shape"),
+    ),
+    (
+        "output-dir not writable",
+        lambda t: create_run_folder((t / "file").touch() or t / "file" / "out"),
+        ("output-dir=", "cannot be written"),
+    ),
+    (
+        "fewer simulated nodes than needed",
+        lambda t: wait_for_nodes(FixedGrid(3), 10, 60, simulation=True),
+        ("3 SuperNodes", "needs 10", "options.num-supernodes"),
+    ),
+    (
+        "nodes never arrive",
+        lambda t: wait_for_nodes(FixedGrid(1), 2, 0.5, simulation=False),
+        ("only 1 of the 2", "node-wait-timeout=0.5s"),
+    ),
 ]
 
 
@@ -133,7 +175,9 @@ def test_there_are_at_least_fifteen_cases():
 
 
 def folder_digest(folder: Path) -> str:
-    return hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())).hexdigest()
+    return hashlib.sha256(
+        b"".join(p.name.encode() + p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file())
+    ).hexdigest()
 
 
 def tiny_dataset(root: Path) -> Path:
@@ -144,8 +188,12 @@ def tiny_dataset(root: Path) -> Path:
 E2E_CASES = [  # (name, run-config override, expected message, number of simulated SuperNodes)
     ("bad partitioner", lambda t: "partitioner='shards'", "partitioner='shards' is not allowed", 3),
     ("missing dataset", lambda t: f"dataset='{t}/missing'", "no such folder", 3),
-    ("labels out of range", lambda t: f"dataset='{make_parquet_dataset(t / 'd', 20, 10, label_offset=1)}'",
-     "outside 0..9", 3),
+    (
+        "labels out of range",
+        lambda t: f"dataset='{make_parquet_dataset(t / 'd', 20, 10, label_offset=1)}'",
+        "outside 0..9",
+        3,
+    ),
     ("partitions too small", lambda t: f"dataset='{tiny_dataset(t / 'd')}'", "too few to split", 3),
     ("more nodes needed than simulated", lambda t: "", "simulated federation has 2 SuperNodes", 2),
     ("resume from a non-run folder", lambda t: f"resume-from='{t}'", "not a run folder", 3),
@@ -161,8 +209,13 @@ def test_flwr_run_fails_fast_with_one_error_line_and_a_failed_status(
     override = make_override(inputs)
     before = folder_digest(inputs)
     dataset = "" if override.startswith("dataset=") else "dataset='synthetic'"
-    run = run_flwr(tmp_path / "out", f"{dataset} {SMALL_NODES} {override}", env=flwr_env, timeout=180,
-                   federation_config=federation_override(supernodes))
+    run = run_flwr(
+        tmp_path / "out",
+        f"{dataset} {SMALL_NODES} {override}",
+        env=flwr_env,
+        timeout=180,
+        federation_config=federation_override(supernodes),
+    )
     error_lines = [line for line in run.output.splitlines() if "ERROR" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], run.output[-3000:]
     assert "Traceback" not in run.output

@@ -31,8 +31,17 @@ def write_app(folder: Path, config_lines: str) -> Path:
 
 def test_trains_on_one_partition_and_reports_each_epoch(capsys):
     code = centralized.main(
-        ["--app", str(APP_DIR), "--run-config", "dataset='synthetic'", "--num-partitions", "2",
-         "--epochs", "2", "--no-progress"]
+        [
+            "--app",
+            str(APP_DIR),
+            "--run-config",
+            "dataset='synthetic'",
+            "--num-partitions",
+            "2",
+            "--epochs",
+            "2",
+            "--no-progress",
+        ]
     )
     out = capsys.readouterr().out
     assert code == 0, out
@@ -48,8 +57,9 @@ def test_trains_on_one_partition_and_reports_each_epoch(capsys):
 def test_same_settings_give_the_same_numbers():
     config = RunConfig.from_run_config({"dataset": "synthetic"})
     runs = [
-        centralized.run_centralized(config, partition_id=1, num_partitions=4, epochs=1, report=lambda _: None,
-                                    progress=False)
+        centralized.run_centralized(
+            config, partition_id=1, num_partitions=4, epochs=1, report=lambda _: None, progress=False
+        )
         for _ in range(2)
     ]
     numbers = [[(e.train_loss, e.val_loss, e.val_accuracy) for e in run.epochs] + [run.test_accuracy] for run in runs]
@@ -62,8 +72,9 @@ def test_command_line_overrides_pyproject(tmp_path, capsys):
     assert centralized.build_config(app, "").batch_size == 16
     config = centralized.build_config(app, "batch-size=64 learning-rate=0.01")
     assert (config.batch_size, config.learning_rate, config.seed, config.dataset) == (64, 0.01, 7, "synthetic")
-    code = centralized.main(["--app", str(app), "--run-config", "batch-size=64", "--epochs", "1",
-                             "--num-partitions", "5", "--no-progress"])
+    code = centralized.main(
+        ["--app", str(app), "--run-config", "batch-size=64", "--epochs", "1", "--num-partitions", "5", "--no-progress"]
+    )
     assert code == 0
     assert "batch-size 64" in capsys.readouterr().out
 
@@ -115,8 +126,13 @@ def test_override_parser_uses_flwr_syntax():
     parsed = centralized.parse_run_config_overrides(
         "dataset='../shared/data/cifar10' batch-size=64 learning-rate=0.01 verbose=true output-dir=\"out dir\""
     )
-    assert parsed == {"dataset": "../shared/data/cifar10", "batch-size": 64, "learning-rate": 0.01,
-                      "verbose": True, "output-dir": "out dir"}
+    assert parsed == {
+        "dataset": "../shared/data/cifar10",
+        "batch-size": 64,
+        "learning-rate": 0.01,
+        "verbose": True,
+        "output-dir": "out dir",
+    }
     assert centralized.parse_run_config_overrides("") == {}
     with pytest.raises(ConfigError):
         RunConfig.from_run_config({**parsed, "batch-size": -1})
@@ -130,7 +146,12 @@ def test_console_script_runs(tmp_path):
     env = {**os.environ, "FEDCIFAR_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(
         [str(script), "--run-config", "dataset='synthetic'", "--epochs", "1", "--num-partitions", "10"],
-        cwd=APP_DIR, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=APP_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert len(EPOCH_LINE.findall(done.stdout)) == 1 and TEST_LINE.search(done.stdout)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomli
 import pytest
-
+import tomli
 from conftest import PROJECT
+
 from fedcifar_app.config import ConfigError, NodeData, Partitioner, RunConfig
 
 

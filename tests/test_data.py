@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import encode_image, make_parquet_dataset
+
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.data import (
-    DataError, LocalFolder, class_names, load_node_data, load_split, resolve_source, CIFAR10_CLASSES,
+    CIFAR10_CLASSES,
+    DataError,
+    LocalFolder,
+    class_names,
+    load_node_data,
+    load_split,
+    resolve_source,
 )
 
 
@@ -37,8 +43,12 @@ def test_png_images_and_save_to_disk_folders_load_too(tmp_path):
     pixels = np.random.default_rng(0).integers(0, 255, size=(6, 32, 32, 3), dtype=np.uint8)
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=list(CIFAR10_CLASSES))})
     split = {"img": [{"bytes": encode_image(p, "PNG"), "path": None} for p in pixels], "label": [1, 2, 3, 4, 5, 6]}
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict(split, features=features),
-                          "test": datasets.Dataset.from_dict(split, features=features)}).save_to_disk(tmp_path / "saved")
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(split, features=features),
+            "test": datasets.Dataset.from_dict(split, features=features),
+        }
+    ).save_to_disk(tmp_path / "saved")
     loaded = load_split(str(tmp_path / "saved"), "train")
     assert torch.equal(loaded.images, torch.from_numpy(pixels).permute(0, 3, 1, 2))  # PNG is lossless
     assert loaded.labels.tolist() == [1, 2, 3, 4, 5, 6]
@@ -51,7 +61,9 @@ def test_image_folder_labels_come_from_sorted_class_folders(tmp_path):
             folder = tmp_path / "images" / split / name
             folder.mkdir(parents=True)
             for i in range(3):
-                (folder / f"{i}.png").write_bytes(encode_image(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), "PNG"))
+                (folder / f"{i}.png").write_bytes(
+                    encode_image(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), "PNG")
+                )
     train = load_split(str(tmp_path / "images"), "train")
     assert sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert class_names(str(tmp_path / "images")) == ("airplane", "cat")

@@ -284,7 +284,10 @@ def test_two_processes_decoding_at_once_write_one_correct_entry(
             (
                 subprocess.Popen(
                     [sys.executable, "-c", CHILD, dataset.name, str(count_file), str(ready), str(go)],
-                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
                 ),
                 ready,
             )
@@ -302,7 +305,7 @@ def test_two_processes_decoding_at_once_write_one_correct_entry(
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for (p, _), (out, err) in zip(children, outputs):
+    for (p, _), (_, err) in zip(children, outputs, strict=True):
         assert p.returncode == 0, err
     digests = {out.strip() for out, _ in outputs}
 
@@ -357,8 +360,13 @@ def test_partition_rows_are_flwr_datasets_own(cache_dir: Path, dataset: Folder, 
             table = table.shuffle(seed=5)
         else:
             plain = DirichletPartitioner(
-                num_partitions=num_partitions, partition_by="label", alpha=2.0, min_partition_size=2,
-                self_balancing=False, shuffle=True, seed=5,
+                num_partitions=num_partitions,
+                partition_by="label",
+                alpha=2.0,
+                min_partition_size=2,
+                self_balancing=False,
+                shuffle=True,
+                seed=5,
             )
         plain.dataset = table
         key = (dataset.name, fingerprint, partitioner, num_partitions, 2.0, 5)

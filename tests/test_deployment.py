@@ -61,8 +61,13 @@ def run_deploy_cli(args: list[str], cwd: Path, env: dict[str, str]) -> subproces
     """`python -m fedcifar_app.deploy ARGS`, bounded."""
     return subprocess.run(
         [sys.executable, "-m", "fedcifar_app.deploy", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=DEPLOY_TIMEOUT_S,
-        stdin=subprocess.DEVNULL, check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEPLOY_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+        check=False,
     )
 
 
@@ -74,7 +79,11 @@ def run_bounded(command: list[str], cwd: Path, timeout_s: float, log_path: Path)
     """
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         try:
@@ -129,12 +138,17 @@ class Deployment:
         self.tls = "--tls" in extra
         result = run_deploy_cli(
             [
-                "up", "--dir", str(self.dir),
-                "--superlink-ports", f"{self.serverappio_port},{self.fleet_port},{self.control_port}",
-                "--clientappio-base-port", str(self.clientappio_base_port),
+                "up",
+                "--dir",
+                str(self.dir),
+                "--superlink-ports",
+                f"{self.serverappio_port},{self.fleet_port},{self.control_port}",
+                "--clientappio-base-port",
+                str(self.clientappio_base_port),
                 *extra,
             ],
-            cwd=self.root, env=self.env,
+            cwd=self.root,
+            env=self.env,
         )
         assert result.returncode == 0, f"up failed:\n{result.stdout}\n{result.stderr}"
         return result.stdout
@@ -142,15 +156,20 @@ class Deployment:
     def start_extra_supernode(self, name: str, command: list[str]) -> subprocess.Popen:
         """A SuperNode outside `up` (to show it is refused); ended in teardown."""
         process = deploy.start_process(
-            name, command, self.dir / "logs" / f"{name}.log", self.root,
-            deploy.child_environment(self.dir / "flwr-home" / name) | {
-                "FEDCIFAR_CACHE_DIR": self.env["FEDCIFAR_CACHE_DIR"]
-            },
+            name,
+            command,
+            self.dir / "logs" / f"{name}.log",
+            self.root,
+            deploy.child_environment(self.dir / "flwr-home" / name)
+            | {"FEDCIFAR_CACHE_DIR": self.env["FEDCIFAR_CACHE_DIR"]},
         )
         self.extra_processes.append(
             deploy.ManagedProcess(
-                name=name, pid=process.pid, start_ticks=deploy.process_start_ticks(process.pid),
-                log=str(self.dir / "logs" / f"{name}.log"), command=command,
+                name=name,
+                pid=process.pid,
+                start_ticks=deploy.process_start_ticks(process.pid),
+                log=str(self.dir / "logs" / f"{name}.log"),
+                command=command,
             )
         )
         return process
@@ -169,7 +188,9 @@ class Deployment:
         name, overrides = self.federation()
         code, output = run_bounded(
             [flwr_executable(), "run", ".", name, "--stream", "--run-config", run_config, *overrides],
-            APP_DIR, RUN_TIMEOUT_S, self.root / "flwr-run.log",
+            APP_DIR,
+            RUN_TIMEOUT_S,
+            self.root / "flwr-run.log",
         )
         assert code == 0, f"flwr run exited {code}:\n{output[-4000:]}"
         return output
@@ -178,7 +199,8 @@ class Deployment:
         """`flwr ls` as JSON: the runs this SuperLink knows."""
         answer = cli_json(
             [flwr_executable(), "ls", ".", self.federation()[0], *self.federation()[1], "--format", "json"],
-            APP_DIR, self.root / "flwr-ls.log",
+            APP_DIR,
+            self.root / "flwr-ls.log",
         )
         assert answer.get("success"), answer
         return answer["runs"]
@@ -186,9 +208,17 @@ class Deployment:
     def supernodes(self) -> list[dict]:
         """`flwr supernode list` as JSON, through the control project `up` wrote."""
         answer = cli_json(
-            [flwr_executable(), "supernode", "list", str(self.dir / "control"),
-             deploy.CONTROL_FEDERATION, "--format", "json"],
-            APP_DIR, self.root / "flwr-supernode-list.log",
+            [
+                flwr_executable(),
+                "supernode",
+                "list",
+                str(self.dir / "control"),
+                deploy.CONTROL_FEDERATION,
+                "--format",
+                "json",
+            ],
+            APP_DIR,
+            self.root / "flwr-supernode-list.log",
         )
         assert answer.get("success"), answer
         return answer["nodes"]
@@ -232,7 +262,8 @@ def assert_completed_run(federation: Deployment, output_dir: Path, rounds: int) 
     assert len(runs) == 1, runs
     assert runs[0]["status"] == "finished:completed", runs[0]
     run_folders = [
-        path for path in output_dir.iterdir()
+        path
+        for path in output_dir.iterdir()
         if path.is_dir() and not path.is_symlink() and (path / "status.json").is_file()
     ]
     assert len(run_folders) == 1, run_folders
@@ -271,8 +302,11 @@ def test_tls_and_authentication(deployment: Deployment, tmp_path: Path) -> None:
     intruder = deployment.start_extra_supernode(
         "intruder",
         deploy.supernode_command(
-            deployment.fleet_address, f"127.0.0.1:{deployment.spare_ports[0]}",
-            "partition-id=0 num-partitions=2", deployment.ca_certificate, intruder_key,
+            deployment.fleet_address,
+            f"127.0.0.1:{deployment.spare_ports[0]}",
+            "partition-id=0 num-partitions=2",
+            deployment.ca_certificate,
+            intruder_key,
             max_retries=0,
         ),
     )
@@ -281,8 +315,13 @@ def test_tls_and_authentication(deployment: Deployment, tmp_path: Path) -> None:
     no_ca = deployment.start_extra_supernode(
         "no-ca",
         deploy.supernode_command(
-            deployment.fleet_address, f"127.0.0.1:{deployment.spare_ports[1]}",
-            "partition-id=1 num-partitions=2", None, None, max_retries=0, insecure=False,
+            deployment.fleet_address,
+            f"127.0.0.1:{deployment.spare_ports[1]}",
+            "partition-id=1 num-partitions=2",
+            None,
+            None,
+            max_retries=0,
+            insecure=False,
         ),
     )
     assert wait_for_exit(intruder, 60) != 0
@@ -337,9 +376,7 @@ def test_data_path_nodes_complete_a_run(deployment: Deployment, tmp_path: Path) 
     for seed, folder in enumerate(folders):
         write_parquet_folder(folder, num_train=60, num_test=20, seed=seed)
 
-    printed = deployment.up(
-        "--nodes", "2", "--data-path", str(folders[0]), "--data-path", str(folders[1])
-    )
+    printed = deployment.up("--nodes", "2", "--data-path", str(folders[0]), "--data-path", str(folders[1]))
     assert f"data-path='{folders[0]}'" in printed
 
     deployment.flwr_run(run_config(tmp_path / "outputs", SHORT_RUN_ROUNDS))

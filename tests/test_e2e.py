@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
-
 from conftest import SMALL_NODES, make_parquet_dataset, run_flwr
+
 from fedcifar_app.model import Net
 
 ROW_KEYS = {"round", "central-accuracy", "central-loss", "eval-accuracy", "eval-loss", "train-loss", "seconds"}

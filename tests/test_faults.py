@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_parquet_dataset
+
 from fedcifar_app import deploy
 from fedcifar_app.model import Net
 
@@ -79,9 +79,7 @@ def run_config(output_dir: Path, rounds: int, nodes: str, *, node_wait_timeout: 
 
 
 def failure_lines(output: str) -> list[tuple[int, str, str, str]]:
-    return [
-        (int(m[1]), m[2], m[3], m[4]) for m in map(FAILURE_LINE.search, output.splitlines()) if m
-    ]
+    return [(int(m[1]), m[2], m[3], m[4]) for m in map(FAILURE_LINE.search, output.splitlines()) if m]
 
 
 class FlwrRun:
@@ -92,8 +90,12 @@ class FlwrRun:
         self.output_dir = output_dir
         with log.open("wb") as stream:
             self.process = subprocess.Popen(
-                command, cwd=APP_DIR, stdin=subprocess.DEVNULL, stdout=stream,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                command,
+                cwd=APP_DIR,
+                stdin=subprocess.DEVNULL,
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     @property
@@ -162,8 +164,13 @@ class Federation:
     def deploy_cli(self, *args: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "fedcifar_app.deploy", *args, "--dir", str(self.dir)],
-            cwd=self.root, env=self.env, capture_output=True, text=True, timeout=180,
-            stdin=subprocess.DEVNULL, check=False,
+            cwd=self.root,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            stdin=subprocess.DEVNULL,
+            check=False,
         )
         assert result.returncode == 0, f"fedcifar-deploy {args[0]} failed:\n{result.stdout}\n{result.stderr}"
         return result.stdout
@@ -171,9 +178,14 @@ class Federation:
     def up(self) -> None:
         data = [arg for path in self.data_paths for arg in ("--data-path", str(path))]
         self.deploy_cli(
-            "up", "--nodes", str(NODES), *data,
-            "--superlink-ports", ",".join(map(str, self.superlink_ports)),
-            "--clientappio-base-port", str(self.clientappio_base_port),
+            "up",
+            "--nodes",
+            str(NODES),
+            *data,
+            "--superlink-ports",
+            ",".join(map(str, self.superlink_ports)),
+            "--clientappio-base-port",
+            str(self.clientappio_base_port),
         )
 
     def down(self) -> None:
@@ -251,9 +263,9 @@ class Federation:
 
     def start_run(self, config: str, output_dir: Path) -> FlwrRun:
         run = FlwrRun(
-            [deploy.flower_executable("flwr"), "run", ".", *self.federation_args(), "--stream",
-             "--run-config", config],
-            self.root / f"flwr-run-{len(self.runs)}.log", output_dir,
+            [deploy.flower_executable("flwr"), "run", ".", *self.federation_args(), "--stream", "--run-config", config],
+            self.root / f"flwr-run-{len(self.runs)}.log",
+            output_dir,
         )
         self.runs.append(run)
         return run
@@ -266,11 +278,22 @@ class Federation:
     def supernodes(self) -> list[dict]:
         """`flwr supernode list` as JSON, through the control project `up` wrote."""
         result = subprocess.run(
-            [deploy.flower_executable("flwr"), "supernode", "list", str(self.dir / "control"),
-             deploy.CONTROL_FEDERATION, "--format", "json"],
-            cwd=APP_DIR, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL,
+            [
+                deploy.flower_executable("flwr"),
+                "supernode",
+                "list",
+                str(self.dir / "control"),
+                deploy.CONTROL_FEDERATION,
+                "--format",
+                "json",
+            ],
+            cwd=APP_DIR,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
         )
-        answer = json.loads(result.stdout[result.stdout.find("{"):])
+        answer = json.loads(result.stdout[result.stdout.find("{") :])
         assert answer.get("success"), answer
         return answer["nodes"]
 
@@ -335,9 +358,7 @@ def test_broken_node_data_is_named_each_round_and_the_run_completes(broken_data_
     assert "ERROR" not in output and "Traceback" not in output
 
 
-def test_broken_node_data_stops_the_run_before_training_when_every_node_is_needed(
-    broken_data_federation, tmp_path
-):
+def test_broken_node_data_stops_the_run_before_training_when_every_node_is_needed(broken_data_federation, tmp_path):
     federation = broken_data_federation
     broken_id = federation.node_id("supernode-2")
     run = federation.run(
@@ -448,8 +469,9 @@ def test_too_few_supernodes_fail_after_node_wait_timeout(federation, tmp_path):
     waits for, gives up after about 5 s with one ERROR line, and status.json says why."""
     federation.heal()
     run = federation.run(
-        run_config(tmp_path / "out", 2, "min-available-nodes=4 min-train-nodes=2 min-evaluate-nodes=1",
-                   node_wait_timeout=5),
+        run_config(
+            tmp_path / "out", 2, "min-available-nodes=4 min-train-nodes=2 min-evaluate-nodes=1", node_wait_timeout=5
+        ),
         tmp_path / "out",
     )
     expected = (

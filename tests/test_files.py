@@ -13,7 +13,12 @@ import torch
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.model import new_model
 from fedcifar_app.results import (
-    CHECKPOINT, Checkpoint, RunRecorder, atomic_write_json, create_run_folder, summary_table,
+    CHECKPOINT,
+    Checkpoint,
+    RunRecorder,
+    atomic_write_json,
+    create_run_folder,
+    summary_table,
 )
 
 
@@ -68,8 +73,9 @@ class Exploit:
 
 
 def test_checkpoints_load_with_weights_only_so_pickled_code_never_runs(tmp_path):
-    torch.save({"round": 1, "weights": Exploit(), "metrics": [], "best-accuracy": 0.0, "run-config": {}},
-               tmp_path / CHECKPOINT)
+    torch.save(
+        {"round": 1, "weights": Exploit(), "metrics": [], "best-accuracy": 0.0, "run-config": {}}, tmp_path / CHECKPOINT
+    )
     with pytest.raises(ConfigError, match="cannot be read"):
         Checkpoint.load(tmp_path)
     assert not os.path.exists("/tmp/fedcifar-pwned")

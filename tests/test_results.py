@@ -35,8 +35,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import federation_override
+
 from fedcifar_app import plots, results
 from fedcifar_app.config import RunConfig
 from fedcifar_app.data import ImageTensors
@@ -101,10 +101,13 @@ class FlwrRun:
         self.output_dir = root / name
         self.log_path = root / f"{name}.log"
         self.command = [
-            str(BIN_DIR / "flwr"), "run", ".",
-            "--federation-config", federation_override(num_supernodes=3),
-            "--run-config", f"{BASE_CONFIG} num-server-rounds={NUM_ROUNDS} "
-                            f"output-dir='{self.output_dir}' {extra_config}".strip(),
+            str(BIN_DIR / "flwr"),
+            "run",
+            ".",
+            "--federation-config",
+            federation_override(num_supernodes=3),
+            "--run-config",
+            f"{BASE_CONFIG} num-server-rounds={NUM_ROUNDS} output-dir='{self.output_dir}' {extra_config}".strip(),
         ]
         self.env = {
             **os.environ,
@@ -116,8 +119,13 @@ class FlwrRun:
     def start(self) -> None:
         with self.log_path.open("wb") as log:  # a file, not a pipe: a stray child can never block on it
             self.process = subprocess.Popen(
-                self.command, cwd=APP_DIR, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                self.command,
+                cwd=APP_DIR,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     @property
@@ -312,12 +320,29 @@ def test_run_folder_has_plots(uninterrupted, resumed):
 
 
 def metrics_rows(rounds: int) -> list[dict]:
-    rows = [{"round": 0, "central-accuracy": 0.1, "central-loss": 2.3, "eval-accuracy": None,
-             "eval-loss": None, "train-loss": None, "seconds": 1.0}]
+    rows = [
+        {
+            "round": 0,
+            "central-accuracy": 0.1,
+            "central-loss": 2.3,
+            "eval-accuracy": None,
+            "eval-loss": None,
+            "train-loss": None,
+            "seconds": 1.0,
+        }
+    ]
     for r in range(1, rounds + 1):
-        rows.append({"round": r, "central-accuracy": 0.1 + 0.1 * r, "central-loss": 2.3 - 0.2 * r,
-                     "eval-accuracy": 0.12 + 0.1 * r, "eval-loss": 2.2 - 0.2 * r, "train-loss": 2.1 - 0.2 * r,
-                     "seconds": 1.0})
+        rows.append(
+            {
+                "round": r,
+                "central-accuracy": 0.1 + 0.1 * r,
+                "central-loss": 2.3 - 0.2 * r,
+                "eval-accuracy": 0.12 + 0.1 * r,
+                "eval-loss": 2.2 - 0.2 * r,
+                "train-loss": 2.1 - 0.2 * r,
+                "seconds": 1.0,
+            }
+        )
     return rows
 
 
@@ -327,8 +352,18 @@ def metrics_rows(rounds: int) -> list[dict]:
         metrics_rows(3),
         metrics_rows(0),  # round 0 only: eval/train values are all None
         [],  # before round 0 is recorded
-        [*metrics_rows(1), {"round": 2, "central-accuracy": 0.3, "central-loss": math.nan, "eval-accuracy": None,
-                            "eval-loss": None, "train-loss": math.inf, "seconds": 1.0}],  # a failed evaluation
+        [
+            *metrics_rows(1),
+            {
+                "round": 2,
+                "central-accuracy": 0.3,
+                "central-loss": math.nan,
+                "eval-accuracy": None,
+                "eval-loss": None,
+                "train-loss": math.inf,
+                "seconds": 1.0,
+            },
+        ],  # a failed evaluation
     ],
     ids=["rounds", "round-0-only", "empty", "missing-and-nonfinite"],
 )
