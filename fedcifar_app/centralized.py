@@ -17,25 +17,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import tomli
-
+from .app_config import UsageError, app_run_config, parse_overrides
 from .config import ConfigError, NodeData, RunConfig
 
 PROG = "fedcifar-centralized"
-# The `k=v` pairs of `flwr run --run-config`: a key, then a quoted string or one bare word.
-_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")
-
-
-class UsageError(ValueError):
-    """A command-line or pyproject.toml problem; the message says the fix."""
 
 
 @dataclass(frozen=True)
@@ -57,57 +48,10 @@ class CentralizedResult:
     num_test: int
 
 
-def parse_run_config_overrides(text: str) -> dict[str, Any]:
-    """``"k1=1 k2='text'"`` -> dict, with flwr's syntax (TOML values); anything else is a UsageError."""
-    pairs = _PAIR.findall(text)
-    leftover = _PAIR.sub("", text).strip()
-    if leftover:
-        raise UsageError(
-            f"--run-config {text!r}: cannot read {leftover!r}; use space-separated key=value pairs, "
-            "strings in quotes, e.g. --run-config \"dataset='../shared/data/cifar10' batch-size=64\""
-        )
-    values: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in values:
-            raise UsageError(f"--run-config {text!r}: {key} is given twice; give each key once")
-        try:
-            values.update(tomli.loads(f"{key} = {value}"))
-        except tomli.TOMLDecodeError:
-            hint = f"; strings need quotes: {key}='{value}'" if not value.startswith(("'", '"')) else ""
-            raise UsageError(f"--run-config {key}={value}: not a number, true/false or quoted string{hint}") from None
-    return values
-
-
-def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def read_app_config(app: Path) -> dict[str, Any]:
-    """``[tool.flwr.app.config]`` of ``<app>/pyproject.toml``: the defaults a `flwr run` would use."""
-    pyproject = app / "pyproject.toml"
-    if not pyproject.is_file():
-        raise UsageError(f"--app {str(app)!r}: no pyproject.toml at {pyproject.resolve()}; pass the app folder")
-    try:
-        with pyproject.open("rb") as handle:
-            document = tomli.load(handle)
-    except tomli.TOMLDecodeError as err:
-        raise UsageError(f"{pyproject}: not valid TOML ({err})") from None
-    table = document.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
-    if not isinstance(table, Mapping):
-        raise UsageError(f"{pyproject} has no [tool.flwr.app.config] table; is --app a Flower app folder?")
-    return _flatten(table)
-
-
 def build_config(app: Path, overrides_text: str) -> RunConfig:
     """pyproject's run config, the command line's overrides on top, validated as `flwr run` would."""
-    values = read_app_config(app)
-    values.update(parse_run_config_overrides(overrides_text))
+    values = app_run_config(app)
+    values.update(parse_overrides(overrides_text))
     return RunConfig.from_run_config(values)
 
 

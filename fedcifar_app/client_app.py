@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import ErrorCode
 
 from . import training
+from .compat import ErrorCode
 from .config import ConfigError, NodeData, RunConfig
 from .data import DataError, NodeSplits, load_node_data
+from .metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS
 from .model import Net
 from .seeds import derive_seed
 
@@ -86,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(training.get_weights(job.model)),
-            "metrics": MetricRecord({"train-loss": train_loss, "num-examples": len(job.data.train)}),
+            "metrics": MetricRecord({TRAIN_LOSS: train_loss, NUM_EXAMPLES: len(job.data.train)}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -98,9 +99,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's validation split."""
     job = NodeJob.from_message(msg, context)
     result = training.evaluate(job.model, job.data.val, job.device)
-    metrics = MetricRecord(
-        {"eval-loss": result.loss, "eval-accuracy": result.accuracy, "num-examples": result.num_examples}
-    )
+    metrics = MetricRecord({EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy, NUM_EXAMPLES: result.num_examples})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 

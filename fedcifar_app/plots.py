@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -21,7 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .data import ImageTensors
-from .results import atomic_write_bytes
+from .files import atomic_write_bytes
+from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundRow
 
 CURVES = "curves.png"
 SAMPLES = "samples.png"
@@ -29,13 +29,13 @@ SAMPLE_ROWS, SAMPLE_COLS = 4, 8
 
 # (metrics key, legend label, line style) per panel
 ACCURACY_LINES = (
-    ("central-accuracy", "global model on the test set (server)", "-"),
-    ("eval-accuracy", "federated evaluation (clients' validation sets)", "--"),
+    (CENTRAL_ACCURACY, "global model on the test set (server)", "-"),
+    (EVAL_ACCURACY, "federated evaluation (clients' validation sets)", "--"),
 )
 LOSS_LINES = (
-    ("central-loss", "global model on the test set (server)", "-"),
-    ("eval-loss", "federated evaluation (clients' validation sets)", "--"),
-    ("train-loss", "local training (clients' mean)", ":"),
+    (CENTRAL_LOSS, "global model on the test set (server)", "-"),
+    (EVAL_LOSS, "federated evaluation (clients' validation sets)", "--"),
+    (TRAIN_LOSS, "local training (clients' mean)", ":"),
 )
 
 
@@ -46,23 +46,20 @@ def _render(figure: Figure, path: Path, dpi: int) -> None:
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
-def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+def _series(rows: Sequence[RoundRow], key: str) -> tuple[list[int], list[float]]:
     """The rounds that have a finite value for ``key`` (eval/train values are None in round 0)."""
     rounds, values = [], []
     for row in rows:
         value = row.get(key)
-        if value is None:
-            continue
-        value = float(value)
-        if math.isfinite(value):
-            rounds.append(int(row["round"]))
+        if value is not None and math.isfinite(value):
+            rounds.append(row.round)
             values.append(value)
     return rounds, values
 
 
-def write_curves(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+def write_curves(path: Path, rows: Sequence[RoundRow]) -> None:
     """curves.png: accuracy (left) and loss (right) per round, from metrics.json's rows."""
-    last = max((int(row["round"]) for row in rows), default=0)
+    last = max((row.round for row in rows), default=0)
     figure = Figure(figsize=(11, 5), layout="constrained")
     accuracy_axes, loss_axes = figure.subplots(1, 2)
     for axes, lines in ((accuracy_axes, ACCURACY_LINES), (loss_axes, LOSS_LINES)):
@@ -81,7 +78,7 @@ def write_curves(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
     accuracy_axes.set_ylim(0.0, 1.02)
     accuracy_axes.set_ylabel("accuracy")
-    rounds, values = _series(rows, "central-accuracy")
+    rounds, values = _series(rows, CENTRAL_ACCURACY)
     title = "Accuracy"
     if values:
         best = int(np.argmax(values))

@@ -1,8 +1,9 @@
 """The run folder: config, per-round metrics, checkpoints, models and status. Flower-free.
 
-Every file is written atomically (temporary file in the same folder, fsync, rename), so a
-run killed at any moment leaves the previous version intact, and each run gets a folder of
-its own that no other run, started in the same second or not, can share.
+Every file is written atomically (``files``), so a run killed at any moment leaves the
+previous version intact, and each run gets a folder of its own that no other run, started
+in the same second or not, can share. Folders carry ``RUN_FOLDER_FORMAT``; readers accept
+every earlier format (format 1 had no version field).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
+import math
 import tempfile
 import time
 from collections.abc import Mapping
@@ -22,37 +23,23 @@ from typing import Any
 import torch
 
 from .config import ConfigError, RunConfig
+from .errors import TrainingDiverged
+from .files import atomic_write_bytes, atomic_write_json
+from .metrics import EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundRow, rows_to_json
 from .model import Net
+from .plots import CURVES, write_curves
 
 logger = logging.getLogger("flwr.fedcifar_app")  # the app's log lines, shown even when Flower's are quiet
 
+RUN_FOLDER_FORMAT = 2  # 2: format field, strict JSON metrics; 1: the first release
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 STATUS = "status.json"
 CONFIG = "config.json"
 FINAL_MODEL = "final_model.pt"
 BEST_MODEL = "best_model.pt"
-METRIC_KEYS = ("central-accuracy", "central-loss", "eval-accuracy", "eval-loss", "train-loss")
 # Keys whose change would make a resumed run a different experiment.
 RESUME_MUST_MATCH = ("dataset", "partitioner", "dirichlet-alpha", "seed", "val-fraction")
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write-then-rename in the target's folder: readers see the old file or the new one, never half."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2) + "\n").encode())
 
 
 def atomic_torch_save(path: Path, value: Any) -> None:
@@ -85,9 +72,31 @@ def create_run_folder(output_dir: Path) -> Path:
 
 def write_status(folder: Path, status: str, reason: str = "", **extra: Any) -> None:
     """status.json: "running", "completed" or "failed" with the reason; scripts judge a run by it."""
-    payload = {"status": status, "reason": reason, "updated": datetime.now().isoformat(timespec="seconds")}
+    payload = {
+        "status": status,
+        "reason": reason,
+        "updated": datetime.now().isoformat(timespec="seconds"),
+        "format": RUN_FOLDER_FORMAT,
+    }
     payload.update(extra)
     atomic_write_json(folder / STATUS, payload)
+
+
+def read_rows(folder: Path) -> list[RoundRow]:
+    """metrics.json of a run folder of any format; a damaged file is a one-line ConfigError."""
+    path = Path(folder) / METRICS
+    try:
+        return [RoundRow.from_json(raw) for raw in json.loads(path.read_text())]
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); it is not a metrics file this app wrote"
+        ) from None
+
+
+def weights_are_finite(weights: Mapping[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(tensor).all()) for tensor in weights.values() if tensor.is_floating_point())
 
 
 @dataclass
@@ -96,15 +105,16 @@ class Checkpoint:
 
     round: int
     weights: dict[str, torch.Tensor]
-    metrics: list[dict[str, Any]]
+    rows: list[RoundRow]
     best_accuracy: float
     run_config: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "format": RUN_FOLDER_FORMAT,
             "round": self.round,
             "weights": self.weights,
-            "metrics": self.metrics,
+            "metrics": rows_to_json(self.rows),
             "best-accuracy": self.best_accuracy,
             "run-config": self.run_config,
         }
@@ -124,12 +134,16 @@ class Checkpoint:
             checkpoint = cls(
                 round=int(raw["round"]),
                 weights=dict(raw["weights"]),
-                metrics=list(raw["metrics"]),
+                rows=[RoundRow.from_json(row) for row in raw["metrics"]],
                 best_accuracy=float(raw["best-accuracy"]),
                 run_config=dict(raw["run-config"]),
             )
-        except Exception as err:  # a damaged or foreign file: say which and why
-            raise ConfigError(f"{where}: {CHECKPOINT} cannot be read ({type(err).__name__}: {err})") from None
+        except Exception as err:  # a damaged or foreign file: say which and why, in one line
+            detail = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ConfigError(
+                f"{where}: {path} cannot be read ({type(err).__name__}: {detail}); it is damaged or not "
+                "a checkpoint of this app: resume from another run folder (the file is left as it is)"
+            ) from None
         try:
             Net().load_state_dict(checkpoint.weights)
         except RuntimeError as err:
@@ -157,18 +171,19 @@ class Checkpoint:
 
 @dataclass
 class RunRecorder:
-    """Collects one row per round and writes metrics, checkpoint and models as rounds finish.
+    """One round's record, start to end: client metrics as they arrive, then the central
+    evaluation closes the round (metrics.json row, best model, checkpoint, curves).
 
-    ``round_offset`` is the round a resumed run starts after, so the strategy's local round
-    numbers map to the run's global ones.
+    Rounds are numbered for the whole run: a resumed run's strategy counts from 1 again, and
+    ``global_round`` adds ``round_offset`` (the round the resumed run had finished).
     """
 
     folder: Path
     run_config: dict[str, Any]
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[RoundRow] = field(default_factory=list)
     round_offset: int = 0
     best_accuracy: float = -1.0
-    pending: dict[str, Any] = field(default_factory=dict)
+    pending: dict[str, float] = field(default_factory=dict)
     round_started: float = field(default_factory=time.monotonic)
 
     @classmethod
@@ -177,14 +192,14 @@ class RunRecorder:
         recorder = cls(folder=folder, run_config=run_config)
         atomic_write_json(folder / CONFIG, run_config)
         if resumed is not None:
-            recorder.rows = [row for row in resumed.metrics if row["round"] <= resumed.round]
+            recorder.rows = [row for row in resumed.rows if row.round <= resumed.round]
             recorder.round_offset = resumed.round
             recorder.best_accuracy = resumed.best_accuracy
-            atomic_write_json(folder / METRICS, recorder.rows)
+            atomic_write_json(folder / METRICS, rows_to_json(recorder.rows))
         recorder.set_status("running")
         return recorder
 
-    def to_global(self, local_round: int) -> int:
+    def global_round(self, local_round: int) -> int:
         return local_round + self.round_offset
 
     def set_status(self, status: str, reason: str = "", **extra: Any) -> None:
@@ -194,24 +209,34 @@ class RunRecorder:
         self.round_started = time.monotonic()
         self.pending = {}
 
-    def record(self, metrics: Mapping[str, float]) -> None:
+    def add_client_metrics(self, metrics: Mapping[str, float]) -> None:
         """Aggregated client metrics of the round in progress (train or evaluate)."""
-        self.pending.update({k: float(v) for k, v in metrics.items()})
+        self.pending.update({key: float(value) for key, value in metrics.items()})
 
     def finish_round(
-        self, round_number: int, central_loss: float, central_accuracy: float, weights: dict[str, torch.Tensor]
-    ) -> dict[str, Any]:
-        """Append the round's row, then checkpoint: a kill between the two re-runs this round, never skips it."""
-        row: dict[str, Any] = {
-            "round": round_number,
-            "central-accuracy": central_accuracy,
-            "central-loss": central_loss,
-        }
-        for key in ("eval-accuracy", "eval-loss", "train-loss"):
-            row[key] = self.pending.get(key)
-        row["seconds"] = round(time.monotonic() - self.round_started, 3)
+        self, local_round: int, central_loss: float, central_accuracy: float, weights: dict[str, torch.Tensor]
+    ) -> RoundRow:
+        """Append the round's row, then checkpoint: a kill between the two re-runs this round, never skips it.
+
+        A non-finite loss or weight records nothing, so the last checkpoint stays the last finite model.
+        """
+        round_number = self.global_round(local_round)
+        if not (math.isfinite(central_loss) and weights_are_finite(weights)):
+            raise TrainingDiverged(
+                f"round {round_number}: the global model's central-loss is {central_loss} (weights not finite): "
+                "training diverged"
+            )
+        row = RoundRow(
+            round=round_number,
+            central_accuracy=central_accuracy,
+            central_loss=central_loss,
+            eval_accuracy=self.pending.get(EVAL_ACCURACY),
+            eval_loss=self.pending.get(EVAL_LOSS),
+            train_loss=self.pending.get(TRAIN_LOSS),
+            seconds=round(time.monotonic() - self.round_started, 3),
+        )
         self.rows.append(row)
-        atomic_write_json(self.folder / METRICS, self.rows)
+        atomic_write_json(self.folder / METRICS, rows_to_json(self.rows))
         if central_accuracy > self.best_accuracy:
             self.best_accuracy = central_accuracy
             atomic_torch_save(self.folder / BEST_MODEL, weights)
@@ -224,50 +249,14 @@ class RunRecorder:
     def write_curves(self) -> None:
         """Refresh curves.png from the rows so far; a plotting failure is a warning, never a failed run."""
         try:
-            from .plots import CURVES, write_curves  # here: plots imports this module
-
             write_curves(self.folder / CURVES, self.rows)
-        except Exception as err:  # matplotlib missing or broken must not cost a run
+        except Exception as err:  # a broken matplotlib must not cost a run
             logger.warning("could not write curves.png (%s: %s); the run goes on", type(err).__name__, err)
 
     def finish_run(self, weights: dict[str, torch.Tensor]) -> None:
         atomic_torch_save(self.folder / FINAL_MODEL, weights)
         self.set_status(
-            "completed", rounds=self.rows[-1]["round"] if self.rows else 0, best_central_accuracy=self.best_accuracy
+            "completed",
+            rounds=self.rows[-1].round if self.rows else 0,
+            best_central_accuracy=self.best_accuracy,
         )
-
-
-def format_row(row: Mapping[str, Any]) -> str:
-    """One line per round: what a person watching the run wants to see."""
-
-    def fmt(value: Any, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    return (
-        f"round {row['round']:>3}  central-acc {fmt(row['central-accuracy'], '.4f')}  "
-        f"central-loss {fmt(row['central-loss'], '.4f')}  eval-acc {fmt(row['eval-accuracy'], '.4f')}  "
-        f"train-loss {fmt(row['train-loss'], '.4f')}  {row['seconds']:6.1f}s"
-    )
-
-
-def summary_table(rows: list[Mapping[str, Any]]) -> str:
-    """The per-round table printed at the end of a run."""
-    header = f"{'round':>5} | {'central-acc':>11} | {'central-loss':>12} | {'eval-acc':>8} | {'eval-loss':>9} | {'train-loss':>10} | {'seconds':>7}"
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        cells = [
-            f"{row['round']:>5}",
-            *(
-                f"{'-' if row[k] is None else format(row[k], '.4f'):>{w}}"
-                for k, w in (
-                    ("central-accuracy", 11),
-                    ("central-loss", 12),
-                    ("eval-accuracy", 8),
-                    ("eval-loss", 9),
-                    ("train-loss", 10),
-                )
-            ),
-            f"{row['seconds']:>7.1f}",
-        ]
-        lines.append(" | ".join(cells))
-    return "\n".join(lines)

@@ -10,17 +10,20 @@ from pathlib import Path
 
 import flwr
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.server.grid import InMemoryGrid
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
 from . import training
+from .compat import MessageType, is_simulation
 from .config import ConfigError, NodeData, RunConfig
 from .data import DataError, check_dataset, class_names, load_node_data, load_split
+from .errors import RunAborted, TrainingDiverged
+from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, NUM_EXAMPLES, format_row, summary_table
 from .model import Net, new_model
-from .results import Checkpoint, RunRecorder, create_run_folder, format_row, summary_table, write_status
+from .results import Checkpoint, RunRecorder, create_run_folder, write_status
 from .seeds import derive_seed
-from .strategy import RecordingFedAvg, RunAborted, replies_by_node, short_reason, wait_for_nodes
+from .strategy import StrategyHooks, replies_by_node, short_reason, wait_for_nodes, with_app_hooks
 
 app = ServerApp()
 logger = logging.getLogger("flwr.fedcifar_app")
@@ -38,9 +41,12 @@ def main(grid: Grid, context: Context) -> None:
             folder = create_run_folder(output_dir)
             run_federation(grid, context, folder)
         except USER_ERRORS as err:
-            logger.error("%s", err)
+            message = str(err)
+            if isinstance(err, TrainingDiverged):
+                message += diverged_advice(context, folder)
+            logger.error("%s", message)
             if folder is not None:
-                write_status(folder, "failed", str(err))
+                write_status(folder, "failed", message)
                 logger.info("Run folder (status: failed): %s", folder)
         except BaseException as err:
             if folder is not None:
@@ -50,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, context: Context, folder: Path) -> None:
     config = RunConfig.from_run_config(context.run_config)
-    simulation = isinstance(grid, InMemoryGrid)
+    simulation = is_simulation(grid)
     device = training.pick_device(config.device)
     logger.info("fedcifar_app run folder: %s", folder)
     logger.info(
@@ -79,32 +85,35 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
     write_samples(folder, config, num_partitions=len(node_ids))
 
     weights = resumed.weights if resumed else new_model(derive_seed(config.seed, "init")).state_dict()
-    strategy = RecordingFedAvg(
+    hooks = StrategyHooks(
         recorder=recorder,
-        node_names=node_names,
+        needed_nodes=needed,
+        min_train_nodes=config.min_train_nodes,
         node_wait_timeout=config.node_wait_timeout,
         round_timeout=config.round_timeout,
         simulation=simulation,
+        node_names=node_names,
+    )
+    strategy = with_app_hooks(FedAvg)(
+        app_hooks=hooks,
         fraction_train=config.fraction_train,
         fraction_evaluate=config.fraction_evaluate,
         min_train_nodes=config.min_train_nodes,
         min_evaluate_nodes=config.min_evaluate_nodes,
         min_available_nodes=config.min_available_nodes,
-        weighted_by_key="num-examples",
+        weighted_by_key=NUM_EXAMPLES,
     )
     model = Net()
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Evaluate the global model on the test split and close the round's record."""
+        """Evaluate the global model on the test split; this closes the round's record."""
         if resumed is not None and server_round == 0:
             return None  # the resumed run's rounds are already recorded
         model.load_state_dict(arrays.to_torch_state_dict())
         result = training.evaluate(model, test_data, device)
-        row = recorder.finish_round(
-            recorder.to_global(server_round), result.loss, result.accuracy, training.get_weights(model)
-        )
+        row = recorder.finish_round(server_round, result.loss, result.accuracy, training.get_weights(model))
         logger.info("%s", format_row(row))
-        return MetricRecord({"central-accuracy": result.accuracy, "central-loss": result.loss})
+        return MetricRecord({CENTRAL_ACCURACY: result.accuracy, CENTRAL_LOSS: result.loss})
 
     train_config = ConfigRecord(
         {"learning-rate": config.learning_rate, "local-epochs": config.local_epochs, "batch-size": config.batch_size}
@@ -120,6 +129,14 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
     recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
     logger.info("Results per round:\n%s", summary_table(recorder.rows))
     logger.info("Run folder (status: completed): %s", folder)
+
+
+def diverged_advice(context: Context, folder: Path | None) -> str:
+    """What to change after NaN/inf: the likely key, and where the last finite model is."""
+    advice = f": learning-rate={context.run_config.get('learning-rate')} is likely too high; lower it"
+    if folder is not None and (folder / "checkpoint.pt").exists():
+        advice += f", then resume-from='{folder}' continues from the last finite round"
+    return advice
 
 
 def write_samples(folder: Path, config: RunConfig, num_partitions: int) -> None:

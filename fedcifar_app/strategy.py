@@ -1,21 +1,29 @@
-"""FedAvg with the few hooks this app needs: bounded waits, failure reports, round records.
+"""The hooks any Flower strategy gets in this app: bounded waits, failing nodes named once,
+divergence stopped, round records.
 
-Only the small hooks are overridden; ``Strategy.start`` (the round loop) stays Flower's.
+``with_app_hooks(FedAvg)`` (or FedProx, FedAdam, a DP wrapper, ...) returns a subclass whose
+four small hooks (``configure_*`` / ``aggregate_*``) do this app's work and then defer to the
+Flower class; ``Strategy.start`` (the round loop) always stays Flower's.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
 
-from .results import RunRecorder
+from .errors import RunAborted, TrainingDiverged
+from .metrics import TRAIN_LOSS
 
 logger = logging.getLogger("flwr.fedcifar_app")
+
+__all__ = ["AppHooks", "RoundSink", "RunAborted", "StrategyHooks", "with_app_hooks", "wait_for_nodes"]
 
 
 def short_reason(reason: str) -> str:
@@ -36,8 +44,18 @@ def replies_by_node(sent: Iterable[Message], replies: Iterable[Message]) -> dict
     return {destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id): reply for reply in replies}
 
 
-class RunAborted(RuntimeError):
-    """The run cannot go on (too few nodes or replies); the message says why and what to do."""
+def failed_nodes(sent: Iterable[Message], replies: Iterable[Message], round_timeout: float) -> dict[int, str]:
+    """Node id -> one-line reason, for every node that was sent a message and returned no result."""
+    sent = list(sent)
+    by_node = replies_by_node(sent, replies)
+    failures = {}
+    for node_id in dict.fromkeys([message.metadata.dst_node_id for message in sent] + list(by_node)):
+        reply = by_node.get(node_id)
+        if reply is None:
+            failures[node_id] = f"no reply within round-timeout={round_timeout:g}s"
+        elif reply.has_error():
+            failures[node_id] = short_reason(reply.error.reason)
+    return failures
 
 
 def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, simulation: bool) -> list[int]:
@@ -76,93 +94,110 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, simulation: bool)
         time.sleep(0.5)
 
 
-class RecordingFedAvg(FedAvg):
-    """FedAvg that waits with a bound, names failing nodes, and hands each round to a recorder."""
+class RoundSink(Protocol):
+    """Where the strategy hands a round's client metrics (the run folder's recorder)."""
 
-    def __init__(
-        self,
-        *,
-        recorder: RunRecorder,
-        node_names: Mapping[int, str],
-        node_wait_timeout: float,
-        round_timeout: float,
-        simulation: bool,
-        **fedavg_args,
-    ) -> None:
-        super().__init__(**fedavg_args)
-        self.recorder = recorder
-        self.node_names = dict(node_names)
-        self.node_wait_timeout = node_wait_timeout
-        self.round_timeout = round_timeout
-        self.simulation = simulation
-        self._sent: list[Message] = []  # this stage's messages, to tell whose reply is missing
-        self._reported: set[tuple[int, int]] = set()  # (round, node): name each failure once per round
+    def global_round(self, local_round: int) -> int: ...
 
-    def _await_nodes(self, grid: Grid) -> None:
-        needed = max(self.min_available_nodes, self.min_train_nodes, self.min_evaluate_nodes)
-        wait_for_nodes(grid, needed, self.node_wait_timeout, simulation=self.simulation)
+    def begin_round(self) -> None: ...
+
+    def add_client_metrics(self, metrics: Mapping[str, float]) -> None: ...
+
+
+@dataclass
+class StrategyHooks:
+    """What the hooks need to know about the run; one object, so any strategy class takes it alike."""
+
+    recorder: RoundSink
+    needed_nodes: int  # max(min-available-nodes, min-train-nodes, min-evaluate-nodes)
+    min_train_nodes: int
+    node_wait_timeout: float
+    round_timeout: float
+    simulation: bool
+    node_names: Mapping[int, str] = field(default_factory=dict)
+    sent: list[Message] = field(default_factory=list)  # this stage's messages, to tell whose reply is missing
+    reported: set[tuple[int, int]] = field(default_factory=set)  # (round, node): each failure named once
+
+    def report_failures(self, round_number: int, stage: str, replies: list[Message]) -> int:
+        """One WARNING per failing or silent node and round; returns how many replies carry results."""
+        for node_id, reason in failed_nodes(self.sent, replies, self.round_timeout).items():
+            if (round_number, node_id) not in self.reported:
+                self.reported.add((round_number, node_id))
+                name = self.node_names.get(node_id, node_id)
+                logger.warning("round %d %s: node %s failed: %s", round_number, stage, name, reason)
+        return sum(not reply.has_error() for reply in replies)
+
+
+def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
+    """Stop before a NaN/inf model is evaluated, recorded or checkpointed."""
+    loss = float(metrics[TRAIN_LOSS]) if metrics is not None and TRAIN_LOSS in metrics else 0.0
+    weights_ok = arrays is None or all(
+        bool(tensor.isfinite().all()) for tensor in arrays.to_torch_state_dict().values() if tensor.is_floating_point()
+    )
+    if not (math.isfinite(loss) and weights_ok):
+        raise TrainingDiverged(
+            f"round {round_number}: training diverged (train-loss {loss:g}"
+            f"{'' if weights_ok else ', aggregated weights not finite'})"
+        )
+
+
+class AppHooks:
+    """Mixin placed before a Flower strategy class; see ``with_app_hooks``."""
+
+    def __init__(self, *args: Any, app_hooks: StrategyHooks, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.app_hooks = app_hooks
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self.recorder.begin_round()
-        self._await_nodes(grid)
-        return self._keep(super().configure_train(self.recorder.to_global(server_round), arrays, config, grid))
+        hooks = self.app_hooks
+        hooks.recorder.begin_round()
+        wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
+        round_number = hooks.recorder.global_round(server_round)
+        hooks.sent = list(super().configure_train(round_number, arrays, config, grid))  # type: ignore[misc]
+        return hooks.sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._await_nodes(grid)
-        return self._keep(super().configure_evaluate(self.recorder.to_global(server_round), arrays, config, grid))
-
-    def _keep(self, messages: Iterable[Message]) -> list[Message]:
-        self._sent = list(messages)
-        return self._sent
+        hooks = self.app_hooks
+        wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
+        round_number = hooks.recorder.global_round(server_round)
+        hooks.sent = list(super().configure_evaluate(round_number, arrays, config, grid))  # type: ignore[misc]
+        return hooks.sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        hooks = self.app_hooks
         replies = list(replies)
-        round_number = self.recorder.to_global(server_round)
-        ok = self._report_failures(round_number, "train", replies)
-        if ok < self.min_train_nodes:
+        round_number = hooks.recorder.global_round(server_round)
+        ok = hooks.report_failures(round_number, "train", replies)
+        if ok < hooks.min_train_nodes:
             raise RunAborted(
                 f"round {round_number}: {ok} node(s) returned training results, fewer than "
-                f"min-train-nodes={self.min_train_nodes}; fix the failing nodes (errors above), "
+                f"min-train-nodes={hooks.min_train_nodes}; fix the failing nodes (errors above), "
                 "or lower min-train-nodes, then resume with resume-from"
             )
-        arrays, metrics = super().aggregate_train(round_number, replies)
+        arrays, metrics = super().aggregate_train(round_number, replies)  # type: ignore[misc]
+        check_finite(round_number, arrays, metrics)
         if metrics is not None:
-            self.recorder.record(metrics)
+            hooks.recorder.add_client_metrics(metrics)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        hooks = self.app_hooks
         replies = list(replies)
-        round_number = self.recorder.to_global(server_round)
-        self._report_failures(round_number, "evaluate", replies)
-        metrics = super().aggregate_evaluate(round_number, replies)
+        round_number = hooks.recorder.global_round(server_round)
+        hooks.report_failures(round_number, "evaluate", replies)
+        metrics = super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]
         if metrics is not None:
-            self.recorder.record(metrics)
+            hooks.recorder.add_client_metrics(metrics)
         return metrics
 
-    def _report_failures(self, round_number: int, stage: str, replies: list[Message]) -> int:
-        """One WARNING per failing or silent node and round; returns how many replies carry results."""
-        by_node = replies_by_node(self._sent, replies)
-        for node_id in dict.fromkeys([m.metadata.dst_node_id for m in self._sent] + list(by_node)):
-            reply = by_node.get(node_id)
-            if reply is None:
-                reason = f"no reply within round-timeout={self.round_timeout:g}s"
-            elif reply.has_error():
-                reason = short_reason(reply.error.reason)
-            else:
-                continue
-            if (round_number, node_id) not in self._reported:
-                self._reported.add((round_number, node_id))
-                logger.warning(
-                    "round %d %s: node %s failed: %s",
-                    round_number,
-                    stage,
-                    self.node_names.get(node_id, node_id),
-                    reason,
-                )
-        return sum(not reply.has_error() for reply in replies)
+
+def with_app_hooks(strategy_class: type) -> type:
+    """``strategy_class`` with this app's hooks: construct it with the class's own arguments plus
+    ``app_hooks=StrategyHooks(...)``. Works for any ``flwr.serverapp.strategy`` class, DP wrappers included."""
+    return type(f"{strategy_class.__name__}WithAppHooks", (AppHooks, strategy_class), {})

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import DeviceChoice
+from .config import ConfigError, DeviceChoice
 from .data import ImageTensors, normalize
 
 EVAL_BATCH_SIZE = 512  # evaluation keeps no activations for backward, so big batches are cheap
@@ -25,7 +25,10 @@ class EvalResult:
 def pick_device(choice: DeviceChoice) -> torch.device:
     """CUDA when asked for or available (AUTO), else CPU; a missing GPU is a clear error."""
     if choice is DeviceChoice.CUDA and not torch.cuda.is_available():
-        raise RuntimeError("run-config device='cuda' but this process sees no CUDA GPU: use device='auto' or 'cpu'")
+        raise ConfigError(
+            "run-config device='cuda' but this machine's PyTorch sees no CUDA GPU "
+            f"(torch {torch.__version__}, CUDA available: no): use device='auto' or device='cpu'"
+        )
     if choice is DeviceChoice.CPU or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")

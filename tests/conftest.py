@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tomli
 
-from fedcifar_app.centralized import _flatten as flatten  # one flattener for pyproject tables
+from fedcifar_app import app_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -23,22 +22,8 @@ SMALL_NODES = "min-train-nodes=3 min-evaluate-nodes=2 min-available-nodes=3"
 
 
 def federation_override(num_supernodes: int) -> str:
-    """`--federation-config` for the default federation with ``num_supernodes``, every other option kept.
-
-    flwr 1.25 replaces the whole ``options`` table with the override's (``fuse_dicts``
-    assigns the override after merging), so "options.num-supernodes=3" alone would drop
-    client-resources (back to Flower's 2 CPUs per client: one client at a time here) and
-    init-args. Restating all options keeps the run what pyproject.toml describes.
-    """
-    federations = tomli.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]
-    options = {**flatten(federations[federations["default"]]["options"]), "num-supernodes": num_supernodes}
-
-    def literal(value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return f"'{value}'" if isinstance(value, str) else repr(value)
-
-    return " ".join(f"options.{key}={literal(value)}" for key, value in options.items())
+    """`--federation-config` for the default federation with ``num_supernodes``, every other option kept."""
+    return app_config.federation_override(PROJECT, num_supernodes=num_supernodes)
 
 
 # Small federations keep end-to-end runs to seconds; one string, since flwr refuses a key given twice.

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedcifar_app import centralized
+from fedcifar_app.app_config import app_run_config, parse_overrides
 from fedcifar_app.config import ConfigError, RunConfig
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_command_line_overrides_pyproject(tmp_path, capsys):
 def test_reads_this_apps_pyproject():
     config = centralized.build_config(APP_DIR, "dataset='synthetic'")
     assert config.dataset == "synthetic"
-    assert config == RunConfig.from_run_config({**centralized.read_app_config(APP_DIR), "dataset": "synthetic"})
+    assert config == RunConfig.from_run_config({**app_run_config(APP_DIR), "dataset": "synthetic"})
 
 
 @pytest.mark.parametrize(
@@ -123,7 +124,7 @@ def test_missing_or_foreign_pyproject(tmp_path, capsys):
 
 
 def test_override_parser_uses_flwr_syntax():
-    parsed = centralized.parse_run_config_overrides(
+    parsed = parse_overrides(
         "dataset='../shared/data/cifar10' batch-size=64 learning-rate=0.01 verbose=true output-dir=\"out dir\""
     )
     assert parsed == {
@@ -133,7 +134,7 @@ def test_override_parser_uses_flwr_syntax():
         "verbose": True,
         "output-dir": "out dir",
     }
-    assert centralized.parse_run_config_overrides("") == {}
+    assert parse_overrides("") == {}
     with pytest.raises(ConfigError):
         RunConfig.from_run_config({**parsed, "batch-size": -1})
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import tomli
 from conftest import PROJECT
 
+from fedcifar_app.app_config import app_run_config
 from fedcifar_app.config import ConfigError, NodeData, Partitioner, RunConfig
 
 
 def pyproject_run_config() -> dict:
-    return tomli.loads((PROJECT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return app_run_config(PROJECT)
 
 
 def test_pyproject_defaults_are_the_tutorials():

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from fedcifar_app.config import ConfigError, RunConfig
+from fedcifar_app.files import atomic_write_json
+from fedcifar_app.metrics import rows_to_json, summary_table
 from fedcifar_app.model import new_model
 from fedcifar_app.results import (
     CHECKPOINT,
     Checkpoint,
     RunRecorder,
-    atomic_write_json,
     create_run_folder,
-    summary_table,
 )
 
 
@@ -42,17 +42,17 @@ def test_recorder_checkpoints_every_round_and_resume_reads_it_back(tmp_path):
     recorder = RunRecorder.start(tmp_path, config, resumed=None)
     weights = {k: v.clone() for k, v in new_model(0).state_dict().items()}
     recorder.finish_round(0, 2.3, 0.10, weights)
-    recorder.record({"train-loss": 1.5, "eval-loss": 1.4, "eval-accuracy": 0.4})
+    recorder.add_client_metrics({"train-loss": 1.5, "eval-loss": 1.4, "eval-accuracy": 0.4})
     recorder.finish_round(1, 1.2, 0.55, weights)
     checkpoint = Checkpoint.load(tmp_path)
     assert checkpoint.round == 1 and checkpoint.best_accuracy == 0.55
-    assert [row["round"] for row in checkpoint.metrics] == [0, 1]
-    assert checkpoint.metrics[1]["eval-accuracy"] == 0.4 and checkpoint.metrics[0]["train-loss"] is None
+    assert [row.round for row in checkpoint.rows] == [0, 1]
+    assert checkpoint.rows[1].eval_accuracy == 0.4 and checkpoint.rows[0].train_loss is None
     (tmp_path / "next").mkdir()
     resumed = RunRecorder.start(tmp_path / "next", config, resumed=checkpoint)
-    assert resumed.round_offset == 1 and resumed.to_global(1) == 2
-    assert json.loads((tmp_path / "next" / "metrics.json").read_text()) == checkpoint.metrics
-    assert "0.5500" in summary_table(checkpoint.metrics)
+    assert resumed.round_offset == 1 and resumed.global_round(1) == 2
+    assert json.loads((tmp_path / "next" / "metrics.json").read_text()) == rows_to_json(checkpoint.rows)
+    assert "0.5500" in summary_table(checkpoint.rows)
 
 
 def test_resume_refuses_a_different_experiment_or_no_rounds_left(tmp_path):

@@ -40,6 +40,7 @@ from conftest import federation_override
 from fedcifar_app import plots, results
 from fedcifar_app.config import RunConfig
 from fedcifar_app.data import ImageTensors
+from fedcifar_app.metrics import RoundRow, rows_to_json
 from fedcifar_app.model import Net
 
 APP_DIR = Path(__file__).resolve().parents[1]
@@ -203,6 +204,23 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+def png_pixels(path: Path):
+    """The decoded RGB pixels, as a numpy array (height, width, 3)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def curve_pixels(path: Path) -> int:
+    """How many pixels have matplotlib's first line colour (C0, #1f77b4): the central curves."""
+    import numpy as np
+
+    pixels = png_pixels(path).astype(int)
+    return int((np.abs(pixels - np.array([31, 119, 180])).sum(axis=2) < 40).sum())
+
+
 # --------------------------------------------------------------------------- shared runs
 
 
@@ -255,7 +273,7 @@ def test_uninterrupted_run_records_every_round(uninterrupted):
     rows = completed(folder, run)
     assert [row["round"] for row in rows] == list(range(NUM_ROUNDS + 1))
     assert rows[0]["eval-accuracy"] is None and rows[0]["train-loss"] is None
-    assert all(row[key] is not None for row in rows[1:] for key in results.METRIC_KEYS)
+    assert all(row[key] is not None for row in rows[1:] for key in RoundRow.metric_keys())
     # The comparisons below mean something only while the accuracy still moves every round.
     accuracies = [row["central-accuracy"] for row in rows]
     assert len(set(accuracies)) == len(accuracies), accuracies
@@ -282,7 +300,7 @@ def test_killed_run_leaves_a_loadable_checkpoint(killed):
     raw = torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)
     checkpoint = results.Checkpoint.load(folder)
     assert checkpoint.round == raw["round"] >= KILL_AFTER_ROUND
-    assert [row["round"] for row in checkpoint.metrics] == list(range(checkpoint.round + 1))
+    assert [row.round for row in checkpoint.rows] == list(range(checkpoint.round + 1))
     Net().load_state_dict(checkpoint.weights)
     # Nobody got to say it ended: the status stays "running" and there is no final model.
     assert read_json(folder / results.STATUS)["status"] == "running"
@@ -293,7 +311,7 @@ def test_resume_continues_where_the_kill_stopped(uninterrupted, killed, resumed)
     reference = by_round(completed(*uninterrupted))
     killed_folder, _ = killed
     killed_round = results.Checkpoint.load(killed_folder).round
-    killed_rows = results.Checkpoint.load(killed_folder).metrics
+    killed_rows = rows_to_json(results.Checkpoint.load(killed_folder).rows)
     folder, run = resumed
     assert folder != killed_folder
     rows = completed(folder, run)
@@ -319,29 +337,19 @@ def test_run_folder_has_plots(uninterrupted, resumed):
 # --------------------------------------------------------------------------- plots, in process
 
 
-def metrics_rows(rounds: int) -> list[dict]:
-    rows = [
-        {
-            "round": 0,
-            "central-accuracy": 0.1,
-            "central-loss": 2.3,
-            "eval-accuracy": None,
-            "eval-loss": None,
-            "train-loss": None,
-            "seconds": 1.0,
-        }
-    ]
+def metrics_rows(rounds: int) -> list[RoundRow]:
+    rows = [RoundRow(round=0, central_accuracy=0.1, central_loss=2.3, seconds=1.0)]
     for r in range(1, rounds + 1):
         rows.append(
-            {
-                "round": r,
-                "central-accuracy": 0.1 + 0.1 * r,
-                "central-loss": 2.3 - 0.2 * r,
-                "eval-accuracy": 0.12 + 0.1 * r,
-                "eval-loss": 2.2 - 0.2 * r,
-                "train-loss": 2.1 - 0.2 * r,
-                "seconds": 1.0,
-            }
+            RoundRow(
+                round=r,
+                central_accuracy=0.1 + 0.1 * r,
+                central_loss=2.3 - 0.2 * r,
+                eval_accuracy=0.12 + 0.1 * r,
+                eval_loss=2.2 - 0.2 * r,
+                train_loss=2.1 - 0.2 * r,
+                seconds=1.0,
+            )
         )
     return rows
 
@@ -354,15 +362,7 @@ def metrics_rows(rounds: int) -> list[dict]:
         [],  # before round 0 is recorded
         [
             *metrics_rows(1),
-            {
-                "round": 2,
-                "central-accuracy": 0.3,
-                "central-loss": math.nan,
-                "eval-accuracy": None,
-                "eval-loss": None,
-                "train-loss": math.inf,
-                "seconds": 1.0,
-            },
+            RoundRow(round=2, central_accuracy=0.3, central_loss=math.nan, train_loss=math.inf, seconds=1.0),
         ],  # a failed evaluation
     ],
     ids=["rounds", "round-0-only", "empty", "missing-and-nonfinite"],
@@ -372,6 +372,8 @@ def test_write_curves_handles_missing_values(tmp_path, rows):
     plots.write_curves(path, rows)
     width, height = png_size(path)
     assert width > 600 and height > 300
+    drawn = curve_pixels(path)
+    assert (drawn > 50) if rows else (drawn == 0), f"{drawn} pixels of the central-accuracy/-loss colour"
     assert [p.name for p in tmp_path.iterdir()] == [plots.CURVES]  # written atomically, nothing left over
 
 
@@ -382,6 +384,10 @@ def test_write_samples_grid(tmp_path):
     plots.write_samples(tmp_path / "few.png", ImageTensors(images[:5], labels[:5]), ["only one name"])
     assert png_size(tmp_path / "full.png")[0] > 600
     assert png_size(tmp_path / "few.png")[0] > 600
+    # Random images fill 40 tiles with thousands of colours; a blank or text-only figure has a handful.
+    full, few = png_pixels(tmp_path / "full.png"), png_pixels(tmp_path / "few.png")
+    colours = lambda pixels: len({tuple(p) for p in pixels.reshape(-1, 3)[::7]})  # noqa: E731
+    assert colours(full) > 2000 and colours(full) > 2 * colours(few) > 200
 
 
 def test_plot_failure_does_not_fail_the_round(tmp_path, monkeypatch, caplog):
@@ -390,7 +396,7 @@ def test_plot_failure_does_not_fail_the_round(tmp_path, monkeypatch, caplog):
     def broken(*_args, **_kwargs):
         raise RuntimeError("no fonts today")
 
-    monkeypatch.setattr(plots, "write_curves", broken)
+    monkeypatch.setattr(results, "write_curves", broken)
     recorder = results.RunRecorder.start(tmp_path, RunConfig(), None)
     with caplog.at_level(logging.WARNING, logger="flwr.fedcifar_app"):
         recorder.finish_round(0, 2.3, 0.1, Net().state_dict())
@@ -404,6 +410,6 @@ def test_curves_refresh_every_round(tmp_path):
     recorder = results.RunRecorder.start(tmp_path, RunConfig(), None)
     recorder.finish_round(0, 2.3, 0.1, Net().state_dict())
     first = (tmp_path / plots.CURVES).read_bytes()
-    recorder.record({"eval-accuracy": 0.3, "eval-loss": 2.0, "train-loss": 2.1})
+    recorder.add_client_metrics({"eval-accuracy": 0.3, "eval-loss": 2.0, "train-loss": 2.1})
     recorder.finish_round(1, 2.0, 0.3, Net().state_dict())
     assert (tmp_path / plots.CURVES).read_bytes() != first
