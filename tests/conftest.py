@@ -147,3 +147,10 @@ def flwr_env(tmp_path_factory) -> dict:
 def private_cache(monkeypatch, tmp_path_factory):
     """In-process tests never touch the user's cache."""
     monkeypatch.setenv("FEDCIFAR_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "fedcifar-cache"))
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Every test that runs a real `flwr run` (it takes the `flwr_env` fixture) is slow."""
+    for item in items:
+        if "flwr_env" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -268,6 +268,7 @@ def resumed(workdir, cache_dir, killed) -> Iterator[tuple[Path, FlwrRun]]:
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_records_every_round(uninterrupted):
     folder, run = uninterrupted
     rows = completed(folder, run)
@@ -283,6 +284,7 @@ def test_uninterrupted_run_records_every_round(uninterrupted):
     assert read_json(folder / results.CONFIG)["num-server-rounds"] == NUM_ROUNDS
 
 
+@pytest.mark.slow
 def test_same_config_gives_the_same_rounds(uninterrupted, killed):
     """Two independent runs of one config agree round by round (the killed run, up to its kill)."""
     reference = by_round(completed(*uninterrupted))
@@ -295,6 +297,7 @@ def test_same_config_gives_the_same_rounds(uninterrupted, killed):
             assert row["train-loss"] == pytest.approx(reference[row["round"]]["train-loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_a_loadable_checkpoint(killed):
     folder, _ = killed
     raw = torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)
@@ -307,6 +310,7 @@ def test_killed_run_leaves_a_loadable_checkpoint(killed):
     assert not (folder / results.FINAL_MODEL).exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_where_the_kill_stopped(uninterrupted, killed, resumed):
     reference = by_round(completed(*uninterrupted))
     killed_folder, _ = killed
@@ -325,6 +329,7 @@ def test_resume_continues_where_the_kill_stopped(uninterrupted, killed, resumed)
     assert results.Checkpoint.load(folder).round == NUM_ROUNDS
 
 
+@pytest.mark.slow
 def test_run_folder_has_plots(uninterrupted, resumed):
     for folder, _ in (uninterrupted, resumed):
         curves_w, curves_h = png_size(folder / plots.CURVES)
