@@ -68,14 +68,21 @@ def test_resume_refuses_a_different_experiment_or_no_rounds_left(tmp_path):
 
 
 class Exploit:
+    """Unpickling this runs a shell command: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/fedcifar-pwned",))
+        return (os.system, (f"touch '{self.marker}'",))
 
 
 def test_checkpoints_load_with_weights_only_so_pickled_code_never_runs(tmp_path):
-    torch.save(
-        {"round": 1, "weights": Exploit(), "metrics": [], "best-accuracy": 0.0, "run-config": {}}, tmp_path / CHECKPOINT
-    )
+    marker = tmp_path / "pwned"
+    payload = {"round": 1, "weights": Exploit(str(marker)), "metrics": [], "best-accuracy": 0.0, "run-config": {}}
+    torch.save(payload, tmp_path / CHECKPOINT)
     with pytest.raises(ConfigError, match="cannot be read"):
         Checkpoint.load(tmp_path)
-    assert not os.path.exists("/tmp/fedcifar-pwned")
+    assert not marker.exists()
+    torch.load(tmp_path / CHECKPOINT, weights_only=False)  # the same file, unpickled unsafely: the command runs
+    assert marker.exists()
