@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import io
-import json
 import os
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from support.flwr_run import PROJECT, FlwrRun, flwr_environment, small_federation
+from support.flwr_run import run_flwr as support_run_flwr
 
-from fedcifar_app import app_config
+__all__ = ["PROJECT", "SMALL_FEDERATION", "SMALL_NODES", "federation_override", "run_flwr"]
 
-PROJECT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SMALL_NODES = "min-train-nodes=3 min-evaluate-nodes=2 min-available-nodes=3"
-
-
-def federation_override(num_supernodes: int) -> str:
-    """`--federation-config` for the default federation with ``num_supernodes``, every other option kept."""
-    return app_config.federation_override(PROJECT, num_supernodes=num_supernodes)
-
+federation_override = small_federation
 
 # Small federations keep end-to-end runs to seconds; one string, since flwr refuses a key given twice.
 SMALL_FEDERATION = federation_override(3)
@@ -78,21 +68,6 @@ def make_parquet_dataset(
     return folder
 
 
-@dataclass
-class FlwrRun:
-    returncode: int
-    output: str
-    run_folder: Path | None
-
-    @property
-    def status(self) -> dict:
-        return json.loads((self.run_folder / "status.json").read_text())
-
-    @property
-    def metrics(self) -> list[dict]:
-        return json.loads((self.run_folder / "metrics.json").read_text())
-
-
 def run_flwr(
     output_dir: Path,
     run_config: str,
@@ -102,45 +77,21 @@ def run_flwr(
     timeout: float = 240,
     extra_args: tuple[str, ...] = (),
 ) -> FlwrRun:
-    """`flwr run .` in its own process group (a killed CLI leaves Ray running otherwise).
-
-    flwr 1.25 exits 0 even when the ServerApp fails, so callers judge the run by its folder.
-    """
-    before = set(output_dir.iterdir()) if output_dir.exists() else set()
-    command = [str(BIN / "flwr"), "run", ".", *extra_args, "--run-config", f"{run_config} output-dir='{output_dir}'"]
-    if federation_config:
-        command += ["--federation-config", federation_config]
-    process = subprocess.Popen(
-        command,
-        cwd=PROJECT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
+    """`flwr run .` to the end on the small federation (see tests/support/flwr_run.py)."""
+    return support_run_flwr(
+        output_dir,
+        run_config,
+        env=env if env is not None else dict(os.environ),
+        federation_config=federation_config,
+        timeout=timeout,
+        extra_args=extra_args,
     )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"flwr run did not finish within {timeout}s:\n{output[-4000:]}")
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # Ray / flower-simulation leftovers
-        except ProcessLookupError:
-            pass
-    new = sorted(set(output_dir.iterdir()) - before) if output_dir.exists() else []
-    return FlwrRun(process.returncode, output, new[-1] if new else None)
 
 
 @pytest.fixture
 def flwr_env(tmp_path_factory) -> dict:
     """An environment whose decoded-data cache is private to the test session."""
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["FEDCIFAR_CACHE_DIR"] = str(tmp_path_factory.getbasetemp() / "fedcifar-cache")
-    return env
+    return flwr_environment(tmp_path_factory.getbasetemp() / "fedcifar-cache")
 
 
 @pytest.fixture(autouse=True)
