@@ -169,13 +169,13 @@ def bench_data(dataset: str, cache_dir: Path) -> dict[str, Any]:
 
     result: dict[str, Any] = {"load_before": load_average()}
     for split in ("train", "test"):
-        data._cached_arrays.cache_clear()
+        data.reset_process_caches()
         started, cpu = time.perf_counter(), time.process_time()
         tensors = data.load_split(dataset, split)
         result[f"cold_decode_{split}_s"] = round(time.perf_counter() - started, 3)
         result[f"cold_decode_{split}_cpu_s"] = round(time.process_time() - cpu, 3)
         result[f"{split}_images"] = len(tensors)
-    data._cached_arrays.cache_clear()
+    data.reset_process_caches()
     started = time.perf_counter()
     train = data.load_split(dataset, "train")
     int(train.images[::997].sum())  # touch a few pages
@@ -183,8 +183,7 @@ def bench_data(dataset: str, cache_dir: Path) -> dict[str, Any]:
     result["decode_images_per_s"] = round(result["train_images"] / result["cold_decode_train_s"])
 
     config = default_run_config(dataset)
-    data._load_node_data.cache_clear()
-    data._partitioner.cache_clear()
+    data.reset_process_caches()  # the partitioner and node data are built again, the split mapped again
     started = time.perf_counter()
     for pid in range(10):
         data.load_node_data(config, NodeData(partition_id=pid, num_partitions=10))
@@ -710,8 +709,7 @@ def bench_partition_scale(dataset: str, cache_dir: Path, num_partitions: int) ->
 
     os.environ["FEDCIFAR_CACHE_DIR"] = str(cache_dir)
     config = default_run_config(dataset)
-    data._partitioner.cache_clear()
-    data._load_node_data.cache_clear()
+    data.reset_process_caches()
     started = time.perf_counter()
     data.load_node_data(config, NodeData(partition_id=0, num_partitions=num_partitions))
     first = time.perf_counter() - started

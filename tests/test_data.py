@@ -11,6 +11,7 @@ from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.data import (
     CIFAR10_CLASSES,
     DataError,
+    FolderKind,
     LocalFolder,
     class_names,
     load_node_data,
@@ -35,7 +36,7 @@ def test_parquet_folder_loads_in_the_cifar_schema(tmp_path):
     train, test = load_split(str(tmp_path / "cifar"), "train"), load_split(str(tmp_path / "cifar"), "test")
     assert (len(train), len(test)) == (30, 10)
     assert train.images.shape == (30, 3, 32, 32) and train.labels.tolist()[:3] == [0, 1, 2]
-    assert resolve_source(str(tmp_path / "cifar")) == LocalFolder(tmp_path / "cifar", "parquet")
+    assert resolve_source(str(tmp_path / "cifar")) == LocalFolder(tmp_path / "cifar", FolderKind.PARQUET)
 
 
 def test_png_images_and_save_to_disk_folders_load_too(tmp_path):

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from fedcifar_app import data
+from fedcifar_app.data import decoding, node_data, partitions
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,8 +103,7 @@ def entries(cache: Path) -> list[Path]:
 
 
 def clear_process_caches() -> None:
-    for cached in (data._cached_arrays, data._partitioner, data._iid_permutation, data._load_node_data):
-        cached.cache_clear()
+    data.reset_process_caches()
 
 
 @pytest.fixture
@@ -143,8 +143,8 @@ def test_cache_returns_exactly_the_pixels_pil_decodes(cache_dir: Path, dataset: 
 
 def test_chunked_threaded_decode_matches_pil_and_names_the_bad_row(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks force many chunks across threads: same pixels, and errors name the global row."""
-    monkeypatch.setattr(data, "DECODE_CHUNK", 7)
-    monkeypatch.setattr(data, "_decode_threads", lambda: 3)
+    monkeypatch.setattr(decoding, "DECODE_CHUNK", 7)
+    monkeypatch.setattr(decoding, "decode_threads", lambda: 3)
     encoded, _ = make_rows(50, seed=3, png_every=4)
     np.testing.assert_array_equal(data.decode_images(encoded, "here"), np.stack([pil_decode(b) for b in encoded]))
 
@@ -249,9 +249,10 @@ CHILD = textwrap.dedent(
     import hashlib, os, sys, time
     from pathlib import Path
     from fedcifar_app import data
+    from fedcifar_app.data import cache
 
     count_file, ready, go = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
-    original = data._decode_split
+    original = cache.read_split
 
     def counted(*args, **kwargs):
         with open(count_file, "a") as handle:
@@ -259,7 +260,7 @@ CHILD = textwrap.dedent(
         time.sleep(0.5)  # widen the window in which the other process would decode too
         return original(*args, **kwargs)
 
-    data._decode_split = counted
+    cache.read_split = counted
     ready.touch()
     deadline = time.monotonic() + 60
     while not go.exists():
@@ -352,7 +353,7 @@ def test_partition_rows_are_flwr_datasets_own(cache_dir: Path, dataset: Folder, 
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     labels = data.load_split(dataset.name, "train").labels.numpy()
-    fingerprint = data._node_fingerprint(dataset.name, NodeData(partition_id=0, num_partitions=3))
+    fingerprint = node_data.node_fingerprint(dataset.name, NodeData(partition_id=0, num_partitions=3))
     for num_partitions in (3, 7):
         table = Dataset.from_dict({"label": labels, "row": np.arange(len(labels))})
         if partitioner is Partitioner.IID:
@@ -369,7 +370,7 @@ def test_partition_rows_are_flwr_datasets_own(cache_dir: Path, dataset: Folder, 
                 seed=5,
             )
         plain.dataset = table
-        key = (dataset.name, fingerprint, partitioner, num_partitions, 2.0, 5)
+        key = data.PartitionKey(dataset.name, fingerprint, partitioner, num_partitions, 2.0, 5)
         for pid in range(num_partitions):
             expected = np.array([row["row"] for row in plain.load_partition(pid)])
-            np.testing.assert_array_equal(data._partition_rows(key, pid, len(labels)), expected)
+            np.testing.assert_array_equal(partitions.partition_rows(key, pid, len(labels)), expected)
