@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 
 from fedcifar_app import data
-from fedcifar_app.data import decoding, node_data, partitions
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
+from fedcifar_app.data import decoding, node_data, partitions
 
 REPO = Path(__file__).resolve().parents[1]
 # torchvision 0.29 deprecates its decoders on every call (data.py filters it; pytest resets filters).
@@ -374,3 +374,59 @@ def test_partition_rows_are_flwr_datasets_own(cache_dir: Path, dataset: Folder, 
         for pid in range(num_partitions):
             expected = np.array([row["row"] for row in plain.load_partition(pid)])
             np.testing.assert_array_equal(partitions.partition_rows(key, pid, len(labels)), expected)
+
+
+# --------------------------------------------------------------------------- damaged entries
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = [
+    pytest.param(lambda e: cut_in_half(e / "images.npy"), id="images cut short"),
+    pytest.param(lambda e: (e / "images.npy").write_bytes((e / "images.npy").read_bytes()[:40]), id="header cut"),
+    pytest.param(lambda e: (e / "images.npy").open("ab").write(b"\0" * 3072), id="images too long"),
+    pytest.param(lambda e: cut_in_half(e / "labels.npy"), id="labels cut short"),
+    pytest.param(lambda e: (e / "meta.json").write_text("{not json"), id="meta unreadable"),
+    pytest.param(lambda e: (e / "meta.json").write_text('{"rows": 3}'), id="meta wrong rows"),
+    pytest.param(lambda e: (e / "images.npy").unlink(), id="images missing"),
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_entry_is_rebuilt_with_one_warning_and_never_served(
+    cache_dir: Path, dataset: Folder, damage, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = np.stack([pil_decode(b) for b in dataset.test[0]])
+    data.load_split(dataset.name, "test")
+    (entry,) = entries(cache_dir)
+    damage(entry)
+    clear_process_caches()  # as a new process would: it must check what it maps
+
+    with caplog.at_level("WARNING"):
+        again = data.load_split(dataset.name, "test")
+    np.testing.assert_array_equal(again.images.numpy(), expected)
+    np.testing.assert_array_equal(again.labels.numpy(), np.array(dataset.test[1]))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "damaged" in warnings[0].getMessage(), caplog.text
+    assert str(entry) in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
+    assert entries(cache_dir) == [entry], "rebuilt in place"
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")], "the damaged copy is deleted"
+
+    caplog.clear()
+    clear_process_caches()
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(data.load_split(dataset.name, "test").images.numpy(), expected)
+    assert not caplog.records, "the rebuilt entry is healthy"
+
+
+def test_an_entry_folder_without_meta_is_rebuilt_not_a_crash(cache_dir: Path, dataset: Folder) -> None:
+    """Before, a folder without meta.json made the writer's rename fail (the folder was not empty)."""
+    data.load_split(dataset.name, "test")
+    (entry,) = entries(cache_dir)
+    (entry / "meta.json").unlink()
+    clear_process_caches()
+    again = data.load_split(dataset.name, "test")
+    np.testing.assert_array_equal(again.images.numpy(), np.stack([pil_decode(b) for b in dataset.test[0]]))
+    assert entries(cache_dir) == [entry]

@@ -151,6 +151,10 @@ def _reason(err: Exception) -> str:
 
 def check_labels(labels: np.ndarray, where: str) -> np.ndarray:
     """Labels as int64, each in 0..NUM_CLASSES-1, or an error naming the first bad row."""
+    if labels.dtype.kind not in "iuf":
+        raise DataError(
+            f"{where}: labels are {labels.dtype} values; this app needs integer labels 0..{NUM_CLASSES - 1}"
+        )
     bad = np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))
     if bad.size:
         raise DataError(

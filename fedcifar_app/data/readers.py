@@ -55,7 +55,7 @@ def read_parquet_split(files: list[Path], allocate: Allocate = allocate_in_memor
         packed, offsets = _packed_images(table, file)
         rows = len(offsets) - 1
         decode_packed(packed, offsets, images[start : start + rows], str(file))
-        labels.append(check_labels(_label_array(table), str(file)))
+        labels.append(check_labels(_label_array(table, file), str(file)))
         start += rows
     return images, np.concatenate(labels) if labels else np.empty(0, dtype=np.int64)
 
@@ -86,11 +86,13 @@ def _packed_images(table, file: Path) -> tuple[np.ndarray, np.ndarray]:
     return pack(encoded)
 
 
-def _label_array(table) -> np.ndarray:
+def _label_array(table, file: Path) -> np.ndarray:
     import pyarrow as pa
 
     column = table.column("label")
-    if column.null_count == 0 and pa.types.is_integer(column.type):
+    if column.null_count:
+        raise DataError(f"{file}: column 'label' has {column.null_count} empty row(s); give every row a label 0..9")
+    if pa.types.is_integer(column.type):
         return column.to_numpy()
     return np.asarray(column.to_pylist())
 
@@ -106,7 +108,9 @@ def read_image_folder_split(root: Path, files: list[Path]) -> tuple[np.ndarray, 
         try:
             encoded.append(file.read_bytes())
         except OSError as err:
-            raise DataError(f"cannot read {file} ({err.strerror or err}); fix its permissions, replace or delete it") from None
+            raise DataError(
+                f"cannot read {file} ({err.strerror or err}); fix its permissions, replace or delete it"
+            ) from None
     images = decode_images(encoded, RowNames(str(files[0].parent.parent), files))
     return images, np.array([label_of[f.parent.name] for f in files], dtype=np.int64)
 
@@ -138,9 +142,17 @@ def read_hf_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray,
             "this app needs 'img' and 'label', the uoft-cs/cifar10 schema"
         )
     dataset = dataset.cast_column("img", datasets.Image(decode=False))
-    encoded = [cell["bytes"] or Path(cell["path"]).read_bytes() for cell in dataset["img"]]
     where = f"{key} split {split!r}"
+    encoded = [cell["bytes"] or _read_image_file(cell["path"], where) for cell in dataset["img"]]
     return decode_images(encoded, where), check_labels(np.asarray(dataset["label"]), where)
+
+
+def _read_image_file(path: str | None, where: str) -> bytes:
+    """An image a Hugging Face dataset stores by path rather than by bytes."""
+    try:
+        return Path(path).read_bytes()  # type: ignore[arg-type]
+    except (OSError, TypeError) as err:
+        raise DataError(f"{where}: cannot read image file {path} ({err}); restore it or rebuild the dataset") from None
 
 
 def synthetic_split(split: str) -> tuple[np.ndarray, np.ndarray]:
