@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import encode_image, make_parquet_dataset, write_parquet_split
+from support.datasets import encode_image, make_parquet_dataset, write_parquet_split
 
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.data import (

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: small datasets written on disk (datasets.py)."""
