@@ -375,3 +375,16 @@ def test_an_entry_folder_without_meta_is_rebuilt_not_a_crash(cache_dir: Path, da
     again = data.load_split(dataset.name, "test")
     np.testing.assert_array_equal(again.images.numpy(), np.stack([pil_decode(b) for b in dataset.test[0]]))
     assert entries(cache_dir) == [entry]
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line_naming_it_and_the_fix(
+    tmp_path: Path, dataset: ParquetFolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the cache folder's parent should be")
+    monkeypatch.setenv("FEDCIFAR_CACHE_DIR", str(blocker / "cache"))
+    data.reset_process_caches()
+    with pytest.raises(data.DataError) as caught:
+        data.load_split(dataset.name, "test")
+    message = str(caught.value)
+    assert "\n" not in message and str(blocker / "cache") in message and "FEDCIFAR_CACHE_DIR" in message

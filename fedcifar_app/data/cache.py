@@ -82,21 +82,27 @@ def _cached_arrays(source: DataSource, split: str, key: str, fingerprint: str) -
     entry = cache_root() / fingerprint
     with contextlib.suppress(_Unusable):
         return _open_entry(entry)
-    with _exclusive(cache_root() / f"{fingerprint}.lock"):
-        try:
-            return _open_entry(entry)  # another process wrote (or rebuilt) it while this one waited
-        except _Missing:
-            pass
-        except _Damaged as damage:
-            logger.warning(
-                "decode cache entry %s is damaged (%s); removing it and decoding %s split %r again",
-                entry,
-                damage,
-                describe(source),
-                split,
-            )
-            _discard(entry)
-        _write_entry(entry, source, split, key)
+    try:
+        with _exclusive(cache_root() / f"{fingerprint}.lock"):
+            try:
+                return _open_entry(entry)  # another process wrote (or rebuilt) it while this one waited
+            except _Missing:
+                pass
+            except _Damaged as damage:
+                logger.warning(
+                    "decode cache entry %s is damaged (%s); removing it and decoding %s split %r again",
+                    entry,
+                    damage,
+                    describe(source),
+                    split,
+                )
+                _discard(entry)
+            _write_entry(entry, source, split, key)
+    except OSError as err:  # every read of the user's files names its file; what is left is the cache folder
+        raise DataError(
+            f"the decode cache folder {cache_root()} cannot be written ({err.strerror or err}); "
+            "set FEDCIFAR_CACHE_DIR to a writable folder with free space"
+        ) from None
     try:
         return _open_entry(entry)
     except _Unusable as problem:
@@ -125,7 +131,7 @@ class _Damaged(_Unusable):
 
 def _open_entry(entry: Path) -> tuple[np.ndarray, np.ndarray]:
     """Map a complete entry, checking what can be checked without reading the pixels: meta.json,
-    the .npy headers, the shapes against meta's row count, and each file's exact size."""
+    the .npy headers, the shapes against meta's row count, and images.npy's exact size."""
     if not entry.exists():
         raise _Missing(str(entry))
     try:
