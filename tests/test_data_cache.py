@@ -1,9 +1,9 @@
 """The decode-once cache: same pixels as decoding directly, keyed on everything that defines the data.
 
 Offline and fast: every test writes its own small parquet folder in the uoft-cs/cifar10 schema
-(``img`` = struct{bytes, path} holding JPEG or PNG bytes, ``label`` = int64) and its own cache
-folder (FEDCIFAR_CACHE_DIR under tmp_path). The reference decoder is PIL, which the
-torchvision decoders match bit for bit on these images.
+(tests/support/datasets.py) and its own cache folder (FEDCIFAR_CACHE_DIR under tmp_path). The
+reference decoder is PIL, which the torchvision decoders match bit for bit on these images. A damaged
+entry (the cache is the app's own) must be rebuilt, never served.
 """
 
 from __future__ import annotations
