@@ -2,70 +2,32 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+# The dataset writers live in tests/support/datasets.py; re-exported for tests that import them from here.
+from support.datasets import encode_image, make_parquet_dataset, write_parquet_split  # noqa: F401
 from support.flwr_run import PROJECT, FlwrRun, flwr_environment, small_federation
 from support.flwr_run import run_flwr as support_run_flwr
 
-__all__ = ["PROJECT", "SMALL_FEDERATION", "SMALL_NODES", "federation_override", "run_flwr"]
+__all__ = [
+    "PROJECT",
+    "encode_image",
+    "make_parquet_dataset",
+    "write_parquet_split",
+    "SMALL_FEDERATION",
+    "SMALL_NODES",
+    "federation_override",
+    "run_flwr",
+]
 
 SMALL_NODES = "min-train-nodes=3 min-evaluate-nodes=2 min-available-nodes=3"
 federation_override = small_federation
 
 # Small federations keep end-to-end runs to seconds; one string, since flwr refuses a key given twice.
 SMALL_FEDERATION = federation_override(3)
-
-
-def encode_image(pixels: np.ndarray, image_format: str = "JPEG") -> bytes:
-    """HWC uint8 -> encoded bytes, as the hub's CIFAR-10 stores them."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[pixels.shape[2]]
-    Image.fromarray(pixels.squeeze(2) if mode == "L" else pixels, mode=mode).save(buffer, format=image_format)
-    return buffer.getvalue()
-
-
-def write_parquet_split(path: Path, images: list[bytes], labels: list[int]) -> None:
-    """One parquet file in the uoft-cs/cifar10 schema: img={bytes, path}, label."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = pa.array(
-        [{"bytes": b, "path": None} for b in images], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    )
-    pq.write_table(pa.table({"img": img, "label": pa.array(labels, pa.int64())}), path)
-
-
-def make_parquet_dataset(
-    folder: Path,
-    n_train: int = 120,
-    n_test: int = 40,
-    *,
-    size: int = 32,
-    channels: int = 3,
-    image_format: str = "JPEG",
-    label_offset: int = 0,
-    seed: int = 0,
-) -> Path:
-    """A learnable little CIFAR-shaped dataset (class = dominant colour block) as train/test parquet."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = [i % 10 for i in range(n)]
-        images = []
-        for label in labels:
-            pixels = rng.integers(0, 60, size=(size, size, channels), dtype=np.uint8)
-            pixels[(label * 3) % size : (label * 3) % size + 4, :, :] = 250
-            images.append(encode_image(pixels, image_format))
-        write_parquet_split(
-            folder / f"{split}-00000-of-00001.parquet", images, [value + label_offset for value in labels]
-        )
-    return folder
 
 
 def run_flwr(
