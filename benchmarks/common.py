@@ -74,35 +74,22 @@ class Quiet:
 
 def default_run_config(dataset: str):
     """The app's run config from pyproject.toml, with ``dataset`` overridden (so the floor follows the app)."""
-    import tomli
-
+    from fedcifar_app.app_config import app_run_config
     from fedcifar_app.config import RunConfig
 
-    values = tomli.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    values["dataset"] = dataset
-    return RunConfig.from_run_config(values)
+    return RunConfig.from_run_config({**app_run_config(REPO), "dataset": dataset})
 
 
 def federation_config(app_dir: Path, overrides: str | None = None, **options: Any) -> str:
     """The default federation's whole ``options`` table as ``--federation-config`` pairs, with overrides.
 
     Flower 1.25's ``--federation-config`` replaces the whole ``options`` table when given any
-    ``options.*`` key (``flwr.common.config.fuse_dicts`` overwrites its own recursive merge), so
-    ``"options.num-supernodes=1000"`` alone silently drops ``client-resources`` (Flower's default
-    is then num-cpus=2: one client at a time, two torch threads) and ``init-args``. Passing every
-    key keeps the federation what pyproject.toml says, plus the changes asked for.
+    ``options.*`` key, so ``"options.num-supernodes=1000"`` alone would silently drop
+    ``client-resources`` and ``init-args``; ``app_config.federation_override`` restates every key.
+    ``overrides`` is ``--federation-config`` text (``"options.backend.client-resources.num-cpus=2"``).
     """
-    import tomli
-    from flwr.common.config import flatten_dict, parse_config_args
+    from fedcifar_app.app_config import federation_override, parse_overrides
 
-    federations = tomli.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["federations"]
-    flat = {k: v for k, v in flatten_dict(federations[federations["default"]]).items() if k.startswith("options.")}
-    flat.update({f"options.{k}": v for k, v in options.items()})
-    flat.update(parse_config_args([overrides]) if overrides else {})
-
-    def toml_value(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return repr(value) if isinstance(value, str) else str(value)
-
-    return " ".join(f"{k}={toml_value(v)}" for k, v in flat.items())
+    changes = {key.removeprefix("options."): value for key, value in parse_overrides(overrides or "").items()}
+    changes.update(options)
+    return federation_override(app_dir, changes)

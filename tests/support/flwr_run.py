@@ -26,7 +26,7 @@ RUN_TIMEOUT_S = 300.0
 
 def small_federation(num_supernodes: int = 3) -> str:
     """`--federation-config` for the default federation with fewer SuperNodes, every other option kept."""
-    return app_config.federation_override(PROJECT, num_supernodes=num_supernodes)
+    return app_config.federation_override(PROJECT, {"num-supernodes": num_supernodes})
 
 
 def flwr_environment(cache_dir: Path) -> dict[str, str]:
