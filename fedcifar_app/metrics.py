@@ -21,6 +21,7 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 CENTRAL_LOSS = "central-loss"
 CENTRAL_ACCURACY = "central-accuracy"
+EPSILON = "epsilon"  # privacy spent so far (dp runs); the server's accountant, not a client metric
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -41,6 +42,7 @@ class RoundRow:
     eval_loss: float | None = None
     train_loss: float | None = None
     seconds: float | None = None
+    epsilon: float | None = None  # dp runs only; rows of older folders read it as None
 
     @classmethod
     def field_keys(cls) -> tuple[str, ...]:
