@@ -19,6 +19,7 @@ import torch
 from conftest import SMALL_NODES, run_flwr
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from support.inprocess import run_inprocess
+from test_board import read_scalars
 from test_training import small_synthetic
 
 from fedcifar_app import strategies, training
@@ -207,6 +208,7 @@ def test_each_strategy_runs_two_rounds(tmp_path, strategy):
     assert [row["round"] for row in recorded] == [0, 1, 2]
     assert all(math.isfinite(row["central-loss"]) and row["epsilon"] is None for row in recorded)
     assert json.loads((folder / "config.json").read_text())["strategy"] == strategy
+    assert len(list(folder.glob("events.out.tfevents.*"))) == 1  # TensorBoard scalars beside metrics.json
 
 
 @pytest.mark.slow
@@ -218,6 +220,7 @@ def test_dp_runs_record_growing_epsilon_and_resume_continues_it(tmp_path, dp):
     epsilons = [row["epsilon"] for row in rows(folder)]
     assert epsilons[0] is None and 0 < epsilons[1] < epsilons[2]
     assert epsilons[2] == pytest.approx(PrivacyAccountant(1e-5, [(2.0, 1.0, 2)]).epsilon())
+    assert [step for step, _ in read_scalars(folder)["epsilon"]] == [1, 2]  # TensorBoard has it too
     resumed = run(tmp_path, num_server_rounds=3, resume_from=str(folder), **dp_keys)
     assert status(resumed)["status"] == "completed", status(resumed)
     assert [row["epsilon"] for row in rows(resumed)][:3] == epsilons
