@@ -115,17 +115,15 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
     train_config = ConfigRecord(
         {"learning-rate": config.learning_rate, "local-epochs": config.local_epochs, "batch-size": config.batch_size}
     )
-    try:
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(weights),
-            num_rounds=config.num_server_rounds - recorder.round_offset,
-            timeout=config.round_timeout,
-            train_config=train_config,
-            evaluate_fn=central_evaluate,
-        )
-    finally:
-        board.close()
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(weights),
+        num_rounds=config.num_server_rounds - recorder.round_offset,
+        timeout=config.round_timeout,
+        train_config=train_config,
+        evaluate_fn=central_evaluate,
+    )
+    board.close()  # each row is flushed as written, so a run that raises above loses no scalars
     recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
     logger.info("Results per round:\n%s", summary_table(recorder.rows))
     logger.info("Run folder (status: completed): %s", folder)
