@@ -86,12 +86,18 @@ def load_run(folder: Path) -> RunSummary:
 
 
 def differing_keys(runs: Sequence[RunSummary]) -> list[str]:
-    keys = sorted({key for run in runs for key in run.config} - set(NOT_LABELS))
-    return [key for key in keys if len({json.dumps(run.config.get(key)) for run in runs}) > 1]
+    """Keys whose values differ between the runs: strategy first, then in the run config's order."""
+    order = ["strategy", *RunConfig().to_run_config()]
+    keys = {key for run in runs for key in run.config} - set(NOT_LABELS)
+    ordered = sorted(keys, key=lambda key: (order.index(key) if key in order else len(order), key))
+    return [key for key in ordered if len({json.dumps(run.config.get(key)) for run in runs}) > 1]
 
 
 def label(run: RunSummary, keys: Sequence[str]) -> str:
-    return " ".join(f"{key}={run.config.get(key)}" for key in keys) or run.folder.name
+    """The differing keys where this run is not at the default (strategy always), e.g. "strategy=fedprox proximal-mu=0.1"."""
+    defaults = RunConfig().to_run_config()
+    shown = [key for key in keys if key == "strategy" or run.config.get(key) != defaults.get(key)]
+    return " ".join(f"{key}={run.config.get(key)}" for key in shown) or "defaults"
 
 
 def _number(value: float | None, spec: str = ".4f") -> str:
@@ -152,7 +158,8 @@ def compare(folders: Sequence[Path], out: Path) -> str:
     for run in runs:
         groups.setdefault(group_of(run), []).append(run)
     markdown = (
-        f"# Comparison of {len(runs)} runs\n\nLabels: the run-config keys that differ ({', '.join(keys) or 'none'}).\n\n"
+        f"# Comparison of {len(runs)} runs\n\nLabels: the run-config keys that differ between the runs "
+        f"({', '.join(keys) or 'none'}), each where not at its default.\n\n"
         f"Central accuracy on the test set. Plot: {COMPARISON_PNG}.\n\n{runs_table(runs, keys)}\n"
     )
     if any(len(members) > 1 for members in groups.values()):

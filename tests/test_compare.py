@@ -64,12 +64,12 @@ def test_table_plot_and_groups(tmp_path, three_runs, monkeypatch, capsys):
     assert compare.main([str(folder) for folder in three_runs]) == 0  # --out defaults to the current folder
     markdown = (tmp_path / "comparison.md").read_text()
     assert capsys.readouterr().out.startswith(markdown)
-    assert "Labels: the run-config keys that differ (dp, proximal-mu, seed, strategy)" in markdown
-    assert "| dp=off proximal-mu=0.0 seed=1 strategy=fedavg | r1 | 0.5000 | 0.6000 | 2 | 40.0 | - |" in markdown
-    assert "| dp=off proximal-mu=0.0 seed=2 strategy=fedavg | r2 | 0.7000 | 0.7000 | 3 | 40.0 | - |" in markdown
-    assert "| dp=central proximal-mu=0.1 seed=1 strategy=fedprox | r3 | 0.3000 | 0.3000 | 3 | 40.0 | 3.12 |" in markdown
-    assert "| dp=off proximal-mu=0.0 strategy=fedavg | 2 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 40.0 | - |" in markdown
-    assert "| dp=central proximal-mu=0.1 strategy=fedprox | 1 | 0.3000 ± 0.0000 |" in markdown
+    assert "Labels: the run-config keys that differ between the runs (strategy, seed, proximal-mu, dp)" in markdown
+    assert "| strategy=fedavg seed=1 | r1 | 0.5000 | 0.6000 | 2 | 40.0 | - |" in markdown
+    assert "| strategy=fedavg seed=2 | r2 | 0.7000 | 0.7000 | 3 | 40.0 | - |" in markdown
+    assert "| strategy=fedprox seed=1 proximal-mu=0.1 dp=central | r3 | 0.3000 | 0.3000 | 3 | 40.0 | 3.12 |" in markdown
+    assert "| strategy=fedavg | 2 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 40.0 | - |" in markdown
+    assert "| strategy=fedprox proximal-mu=0.1 dp=central | 1 | 0.3000 ± 0.0000 |" in markdown
 
     left, right = colour_pixels(tmp_path / "comparison.png", BLUE)  # the fedavg group: accuracy and loss
     assert left > 200 and right > 200
