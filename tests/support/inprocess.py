@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from flwr.common.config import get_fused_config_from_dir
 from flwr.common.telemetry import EventType
 from flwr.common.typing import Run
 from flwr.server.superlink.fleet.vce.backend import Backend, supported_backends
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION
 
@@ -64,7 +66,7 @@ def run_inprocess(overrides: Mapping[str, Any], *, num_supernodes: int = 3, app_
     ``overrides`` must set ``output-dir`` to a fresh folder; the newest run folder in it is returned.
     """
     from fedcifar_app.client_app import app as client_app
-    from fedcifar_app.server_app import app as server_app
+    from fedcifar_app.server_app import main as server_main
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     supported_backends[BACKEND_NAME] = InThreadBackend
@@ -81,6 +83,20 @@ def run_inprocess(overrides: Mapping[str, Any], *, num_supernodes: int = 3, app_
         state=RecordDict(),
         run_config=get_fused_config_from_dir(app_dir, overrides),
     )
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        """The app's own main, once the engine has registered the nodes.
+
+        Flower 1.25 starts the ServerApp thread before the engine registers the SuperNodes;
+        under `flwr run` the app's imports take long enough, here the app is already imported.
+        """
+        deadline = time.monotonic() + 30
+        while len(grid.get_node_ids()) < num_supernodes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server_main(grid, context)
+
     _run_simulation(
         num_supernodes=num_supernodes,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
