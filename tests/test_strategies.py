@@ -198,7 +198,6 @@ def test_older_rows_read_epsilon_as_none():
 # --------------------------------------------------------------------------- end to end, in process
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("strategy", [name.value for name in StrategyName])
 def test_each_strategy_runs_two_rounds(tmp_path, strategy):
     extra = {"proximal_mu": 0.1} if strategy == "fedprox" else {}
@@ -211,7 +210,6 @@ def test_each_strategy_runs_two_rounds(tmp_path, strategy):
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1  # TensorBoard scalars beside metrics.json
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dp", ["central", "client"])
 def test_dp_runs_record_growing_epsilon_and_resume_continues_it(tmp_path, dp):
     dp_keys = {"dp": dp, "dp_noise_multiplier": 2.0, "dp_clipping_norm": 0.1}
@@ -262,7 +260,6 @@ def test_a_checkpoint_without_the_state_a_strategy_needs_is_refused_in_one_line(
         assert "\n" not in str(caught.value)
 
 
-@pytest.mark.slow
 def test_bad_strategy_parameters_fail_the_run_in_one_line(tmp_path):
     folder = run(tmp_path, strategy="krum", num_malicious_nodes=1)
     assert status(folder)["status"] == "failed"
