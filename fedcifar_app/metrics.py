@@ -51,8 +51,8 @@ class RoundRow:
 
     @classmethod
     def metric_keys(cls) -> tuple[str, ...]:
-        """The numeric metric columns (everything but round and seconds)."""
-        return tuple(key for key in cls.field_keys() if key not in ("round", "seconds"))
+        """The model-quality columns every trained round has (not round, seconds, or epsilon, which only DP runs have)."""
+        return tuple(key for key in cls.field_keys() if key not in ("round", "seconds", EPSILON))
 
     def to_json(self) -> dict[str, Any]:
         """Kebab-case keys; a non-finite number is stored as null so metrics.json stays strict JSON."""
