@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
 
 from . import training
 from .compat import ErrorCode
-from .config import ConfigError, NodeData, RunConfig
+from .config import ConfigError, DpMode, NodeData, RunConfig
 from .data import DataError, NodeSplits, load_node_data
 from .metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS
 from .model import Net
@@ -67,7 +68,15 @@ def replies_user_errors(handler: Callable[[Message, Context], Message]) -> Calla
     return wrapper
 
 
-@app.train()
+def client_dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """Flower's ``fixedclipping_mod``, only in runs with dp='client': the mod demands a clipping norm
+    that only ``DifferentialPrivacyClientSideFixedClipping`` sends, so every other run bypasses it."""
+    if context.run_config.get("dp") == DpMode.CLIENT.value:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[client_dp_clipping])
 @replies_user_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's training split."""
@@ -83,6 +92,7 @@ def train(msg: Message, context: Context) -> Message:
         device=job.device,
         # Seeded by (seed, round, node) so any process running this node repeats it exactly.
         seed=derive_seed(job.config.seed, "train", server_round, job.node.label),
+        proximal_mu=float(settings.get("proximal-mu", 0.0)),  # FedProx sends it; the term is ours to add
     )
     content = RecordDict(
         {

@@ -35,7 +35,40 @@ class DeviceChoice(str, enum.Enum):
     CUDA = "cuda"
 
 
+class StrategyName(str, enum.Enum):
+    """The Flower strategy (``flwr.serverapp.strategy``) that aggregates the rounds."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDAVGM = "fedavgm"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDADAGRAD = "fedadagrad"
+    FEDMEDIAN = "fedmedian"
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+    KRUM = "krum"
+
+
+class DpMode(str, enum.Enum):
+    """Differential privacy: OFF, CENTRAL (the server clips) or CLIENT (each client clips); the server adds noise."""
+
+    OFF = "off"
+    CENTRAL = "central"
+    CLIENT = "client"
+
+
 SYNTHETIC_DATASET = "synthetic"
+# server-learning-rate = 0 means "the chosen strategy's own Flower default" (TOML has no null).
+STRATEGY_DEFAULT = 0.0
+# The strategy keys, and the strategies that read each; any other strategy refuses a non-default value.
+STRATEGY_KEYS: dict[str, tuple[StrategyName, ...]] = {
+    "proximal-mu": (StrategyName.FEDPROX,),
+    "server-learning-rate": (StrategyName.FEDAVGM, StrategyName.FEDADAM, StrategyName.FEDYOGI, StrategyName.FEDADAGRAD),
+    "server-momentum": (StrategyName.FEDAVGM,),
+    "trim-beta": (StrategyName.FEDTRIMMEDAVG,),
+    "num-malicious-nodes": (StrategyName.KRUM,),
+}
+DP_KEYS = ("dp-noise-multiplier", "dp-clipping-norm", "dp-delta")
 
 
 @dataclass(frozen=True)
@@ -62,6 +95,16 @@ class RunConfig:
     node_wait_timeout: float = 120.0
     round_timeout: float = 600.0
     verbose: bool = False
+    strategy: StrategyName = StrategyName.FEDAVG
+    proximal_mu: float = 0.0
+    server_learning_rate: float = STRATEGY_DEFAULT
+    server_momentum: float = 0.0
+    trim_beta: float = 0.2
+    num_malicious_nodes: int = 0
+    dp: DpMode = DpMode.OFF
+    dp_noise_multiplier: float = 1.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
@@ -125,6 +168,49 @@ class RunConfig:
         _check(bool(self.output_dir.strip()), "output-dir", self.output_dir, "a folder path")
         _check(self.node_wait_timeout > 0, "node-wait-timeout", self.node_wait_timeout, "seconds > 0")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "seconds > 0")
+        self.validate_strategy()
+
+    def validate_strategy(self) -> None:
+        """Strategy and DP keys: ranges, and no key set that the chosen strategy or dp mode would ignore."""
+        _check(
+            self.proximal_mu >= 0 and math.isfinite(self.proximal_mu), "proximal-mu", self.proximal_mu, "a number >= 0"
+        )
+        _check(
+            self.server_learning_rate >= 0 and math.isfinite(self.server_learning_rate),
+            "server-learning-rate",
+            self.server_learning_rate,
+            "a number > 0, or 0 for the strategy's own default",
+        )
+        _check(0.0 <= self.server_momentum < 1.0, "server-momentum", self.server_momentum, "a number in [0, 1)")
+        _check(0.0 < self.trim_beta < 0.5, "trim-beta", self.trim_beta, "a number in (0, 0.5)")
+        _check(self.num_malicious_nodes >= 0, "num-malicious-nodes", self.num_malicious_nodes, "an integer >= 0")
+        _check(
+            self.dp_noise_multiplier > 0 and math.isfinite(self.dp_noise_multiplier),
+            "dp-noise-multiplier",
+            self.dp_noise_multiplier,
+            "a number > 0 (no noise is no privacy: use dp='off')",
+        )
+        _check(
+            self.dp_clipping_norm > 0 and math.isfinite(self.dp_clipping_norm),
+            "dp-clipping-norm",
+            self.dp_clipping_norm,
+            "a number > 0",
+        )
+        _check(0.0 < self.dp_delta < 1.0, "dp-delta", self.dp_delta, "a number in (0, 1)")
+        current, defaults = self.to_run_config(), RunConfig().to_run_config()
+        for key, users in STRATEGY_KEYS.items():
+            if self.strategy not in users and current[key] != defaults[key]:
+                raise ConfigError(
+                    f"run-config {key}={current[key]!r} has no effect with strategy={self.strategy.value!r}: "
+                    f"it is read by strategy {' / '.join(repr(s.value) for s in users)}; remove the key or pick one of those"
+                )
+        if self.dp is DpMode.OFF:
+            for key in DP_KEYS:
+                if current[key] != defaults[key]:
+                    raise ConfigError(
+                        f"run-config {key}={current[key]!r} has no effect with dp='off': "
+                        "set dp='central' or dp='client', or remove the key"
+                    )
 
     @property
     def is_synthetic(self) -> bool:
@@ -204,7 +290,7 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"run-config {key}={value!r} is not allowed: use a quoted string, e.g. {key}='...'")
         return value
-    for enum_type in (Partitioner, DeviceChoice):
+    for enum_type in (Partitioner, DeviceChoice, StrategyName, DpMode):
         if type_name == enum_type.__name__:
             allowed = ", ".join(repr(m.value) for m in enum_type)
             try:

@@ -21,6 +21,7 @@ EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 CENTRAL_LOSS = "central-loss"
 CENTRAL_ACCURACY = "central-accuracy"
+EPSILON = "epsilon"  # privacy spent so far (dp runs); the server's accountant, not a client metric
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -41,6 +42,7 @@ class RoundRow:
     eval_loss: float | None = None
     train_loss: float | None = None
     seconds: float | None = None
+    epsilon: float | None = None  # dp runs only; rows of older folders read it as None
 
     @classmethod
     def field_keys(cls) -> tuple[str, ...]:
@@ -49,8 +51,8 @@ class RoundRow:
 
     @classmethod
     def metric_keys(cls) -> tuple[str, ...]:
-        """The numeric metric columns (everything but round and seconds)."""
-        return tuple(key for key in cls.field_keys() if key not in ("round", "seconds"))
+        """The model-quality columns every trained round has (not round, seconds, or epsilon, which only DP runs have)."""
+        return tuple(key for key in cls.field_keys() if key not in ("round", "seconds", EPSILON))
 
     def to_json(self) -> dict[str, Any]:
         """Kebab-case keys; a non-finite number is stored as null so metrics.json stays strict JSON."""

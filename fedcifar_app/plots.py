@@ -122,3 +122,34 @@ def write_samples(path: Path, data: ImageTensors, class_names: Sequence[str], *,
     axes.set_axis_off()
     figure.suptitle(f"The first {count} training images of {where}", y=0.995, va="top")
     _render(figure, path, dpi=100)
+
+
+def write_comparison(path: Path, runs: Sequence[tuple[str, int, Sequence[RoundRow]]]) -> None:
+    """comparison.png: central accuracy (left) and central loss (right) of several runs.
+
+    ``runs``: (label, colour group, rows). Runs of one group (the same config, other seeds) share
+    a colour, and the legend under both panels names each group once.
+    """
+    groups = len({group for _, group, _ in runs})
+    figure = Figure(figsize=(12, 5.0 + 0.22 * groups), layout="constrained")
+    accuracy_axes, loss_axes = figure.subplots(1, 2)
+    labelled: set[int] = set()
+    for label, group, rows in runs:
+        colour = f"C{group % 10}"
+        rounds, values = _series(rows, CENTRAL_ACCURACY)
+        accuracy_axes.plot(
+            rounds, values, "-", color=colour, marker="o", markersize=3, label=None if group in labelled else label
+        )
+        rounds, values = _series(rows, CENTRAL_LOSS)
+        loss_axes.plot(rounds, values, "-", color=colour, marker="o", markersize=3)
+        labelled.add(group)
+    for axes, title in ((accuracy_axes, "Central accuracy (test set)"), (loss_axes, "Central loss (test set)")):
+        axes.set_title(title)
+        axes.set_xlabel("round (0 = initial model)")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(True, alpha=0.3)
+    accuracy_axes.set_ylabel("accuracy")
+    loss_axes.set_ylabel("cross-entropy loss")
+    if runs:  # under both panels; constrained layout makes room for an "outside" legend
+        figure.legend(loc="outside lower center", fontsize="small", frameon=False)
+    _render(figure, path, dpi=100)

@@ -14,7 +14,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 from .config import ConfigError, RunConfig
 from .errors import TrainingDiverged
 from .files import atomic_write_bytes, atomic_write_json
-from .metrics import EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundRow, rows_to_json
+from .metrics import EPSILON, EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundRow, rows_to_json
 from .model import Net
 from .plots import CURVES, write_curves
 
@@ -39,7 +39,7 @@ CONFIG = "config.json"
 FINAL_MODEL = "final_model.pt"
 BEST_MODEL = "best_model.pt"
 # Keys whose change would make a resumed run a different experiment.
-RESUME_MUST_MATCH = ("dataset", "partitioner", "dirichlet-alpha", "seed", "val-fraction")
+RESUME_MUST_MATCH = ("dataset", "partitioner", "dirichlet-alpha", "seed", "val-fraction", "strategy", "dp")
 
 
 def atomic_torch_save(path: Path, value: Any) -> None:
@@ -108,6 +108,9 @@ class Checkpoint:
     rows: list[RoundRow]
     best_accuracy: float
     run_config: dict[str, Any]
+    # What the server strategy carries between rounds (optimizer moments, privacy accountant); tensors,
+    # lists and numbers only, so weights_only loading reads it. Older checkpoints have none: {}.
+    server_state: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +120,7 @@ class Checkpoint:
             "metrics": rows_to_json(self.rows),
             "best-accuracy": self.best_accuracy,
             "run-config": self.run_config,
+            "server-state": self.server_state,
         }
 
     @classmethod
@@ -137,6 +141,7 @@ class Checkpoint:
                 rows=[RoundRow.from_json(row) for row in raw["metrics"]],
                 best_accuracy=float(raw["best-accuracy"]),
                 run_config=dict(raw["run-config"]),
+                server_state=dict(raw.get("server-state", {})),
             )
         except Exception as err:  # a damaged or foreign file: say which and why, in one line
             detail = (str(err).strip().splitlines() or [""])[0][:200]
@@ -155,12 +160,13 @@ class Checkpoint:
 
     def check_compatible(self, config: RunConfig) -> None:
         """A resumed run must continue the same experiment and have rounds left to run."""
-        current = config.to_run_config()
+        current, defaults = config.to_run_config(), RunConfig().to_run_config()
         for key in RESUME_MUST_MATCH:
-            if current[key] != self.run_config.get(key):
+            theirs = self.run_config.get(key, defaults[key])  # a key newer than the folder: it ran the default
+            if current[key] != theirs:
                 raise ConfigError(
                     f"run-config {key}={current[key]!r} differs from the resumed run's "
-                    f"{key}={self.run_config.get(key)!r}: pass the same value (see its config.json) to resume"
+                    f"{key}={theirs!r}: pass the same value (see its config.json) to resume"
                 )
         if config.num_server_rounds <= self.round:
             raise ConfigError(
@@ -185,6 +191,8 @@ class RunRecorder:
     best_accuracy: float = -1.0
     pending: dict[str, float] = field(default_factory=dict)
     round_started: float = field(default_factory=time.monotonic)
+    # The strategy's state at the end of a round, saved in each checkpoint (see strategies.server_state).
+    server_state: Callable[[], dict[str, Any]] = dict
 
     @classmethod
     def start(cls, folder: Path, config: RunConfig, resumed: Checkpoint | None) -> RunRecorder:
@@ -234,13 +242,16 @@ class RunRecorder:
             eval_loss=self.pending.get(EVAL_LOSS),
             train_loss=self.pending.get(TRAIN_LOSS),
             seconds=round(time.monotonic() - self.round_started, 3),
+            epsilon=self.pending.get(EPSILON),
         )
         self.rows.append(row)
         atomic_write_json(self.folder / METRICS, rows_to_json(self.rows))
         if central_accuracy > self.best_accuracy:
             self.best_accuracy = central_accuracy
             atomic_torch_save(self.folder / BEST_MODEL, weights)
-        checkpoint = Checkpoint(round_number, weights, self.rows, self.best_accuracy, self.run_config)
+        checkpoint = Checkpoint(
+            round_number, weights, self.rows, self.best_accuracy, self.run_config, self.server_state()
+        )
         atomic_torch_save(self.folder / CHECKPOINT, checkpoint.to_dict())
         self.write_curves()
         self.begin_round()

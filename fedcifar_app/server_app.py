@@ -1,4 +1,4 @@
-"""ServerApp: validate, check every node's data, run FedAvg, hand each round to the run folder."""
+"""ServerApp: validate, check every node's data, run the chosen strategy, hand each round to the run folder."""
 
 from __future__ import annotations
 
@@ -12,18 +12,19 @@ import flwr
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 from . import training
+from .board import ScalarBoard
 from .compat import MessageType, is_simulation
 from .config import ConfigError, NodeData, RunConfig
 from .data import DataError, check_dataset, class_names, load_node_data, load_split
 from .errors import RunAborted, TrainingDiverged
-from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, NUM_EXAMPLES, format_row, summary_table
+from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, format_row, summary_table
 from .model import Net, new_model
 from .results import Checkpoint, RunRecorder, create_run_folder, write_status
 from .seeds import derive_seed
-from .strategy import StrategyHooks, replies_by_node, short_reason, wait_for_nodes, with_app_hooks
+from .strategies import build_strategy, server_state
+from .strategy import StrategyHooks, replies_by_node, short_reason, wait_for_nodes
 
 app = ServerApp()
 logger = logging.getLogger("flwr.fedcifar_app")
@@ -94,15 +95,10 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
         simulation=simulation,
         node_names=node_names,
     )
-    strategy = with_app_hooks(FedAvg)(
-        app_hooks=hooks,
-        fraction_train=config.fraction_train,
-        fraction_evaluate=config.fraction_evaluate,
-        min_train_nodes=config.min_train_nodes,
-        min_evaluate_nodes=config.min_evaluate_nodes,
-        min_available_nodes=config.min_available_nodes,
-        weighted_by_key=NUM_EXAMPLES,
-    )
+    strategy = build_strategy(config, hooks, len(node_ids), resumed.server_state if resumed else None)
+    recorder.server_state = lambda: server_state(strategy)
+    logger.info("Strategy: %s (dp %s)", config.strategy.value, config.dp.value)
+    board = ScalarBoard(folder)
     model = Net()
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -112,6 +108,7 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         result = training.evaluate(model, test_data, device)
         row = recorder.finish_round(server_round, result.loss, result.accuracy, training.get_weights(model))
+        board.add_row(row)
         logger.info("%s", format_row(row))
         return MetricRecord({CENTRAL_ACCURACY: result.accuracy, CENTRAL_LOSS: result.loss})
 
@@ -126,6 +123,7 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
         train_config=train_config,
         evaluate_fn=central_evaluate,
     )
+    board.close()  # each row is flushed as written, so a run that raises above loses no scalars
     recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
     logger.info("Results per round:\n%s", summary_table(recorder.rows))
     logger.info("Run folder (status: completed): %s", folder)

@@ -44,11 +44,15 @@ def train(
     device: torch.device,
     seed: int,
     on_batch: Callable[[], None] | None = None,
+    proximal_mu: float = 0.0,
 ) -> float:
     """Adam on shuffled mini-batches (the tutorial's setup); returns the mean training loss.
 
     Shuffling draws from a generator seeded with ``seed`` alone, so the same call gives the
-    same batches in any process.
+    same batches in any process. ``proximal_mu`` > 0 adds FedProx's mu/2 * ||w - w_start||^2
+    (w_start: the weights the model holds on entry, i.e. the global model), which keeps a node
+    near the global model under label skew; 0 runs exactly the plain loop. The returned loss
+    is the data loss alone, comparable across strategies.
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty data set")
@@ -60,6 +64,7 @@ def train(
     criterion = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
     images, labels = data.images.to(device), data.labels.to(device)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     total_loss, total_seen = 0.0, 0
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator).to(device)
@@ -69,13 +74,20 @@ def train(
             inputs, targets = normalize(images.index_select(0, batch)), labels.index_select(0, batch)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(inputs), targets)
-            loss.backward()
+            objective = loss if anchor is None else loss + proximal_term(model, anchor, proximal_mu)
+            objective.backward()
             optimizer.step()
             total_loss += loss.item() * len(batch)
             total_seen += len(batch)
             if on_batch is not None:
                 on_batch()
     return total_loss / total_seen
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: mu/2 * squared L2 distance between the model's parameters and ``anchor``."""
+    squared = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+    return 0.5 * mu * squared
 
 
 @torch.inference_mode()

@@ -1,0 +1,49 @@
+"""TensorBoard scalars: the event file holds every metrics.json column by round; a failing writer is a warning."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+
+from tensorboardX.proto.event_pb2 import Event
+
+from fedcifar_app.board import ScalarBoard
+from fedcifar_app.metrics import RoundRow
+
+
+def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from the folder's event file (TFRecord framing, tensorboardX's Event proto)."""
+    (path,) = folder.glob("events.out.tfevents.*")
+    data, offset, scalars = path.read_bytes(), 0, {}
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        event = Event.FromString(data[offset + 12 : offset + 12 + length])
+        offset += 12 + length + 4  # length, its CRC, the record, its CRC
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append((event.step, round(value.simple_value, 5)))
+    return scalars
+
+
+def test_each_row_becomes_scalars_by_round(tmp_path):
+    board = ScalarBoard(tmp_path)
+    board.add_row(RoundRow(round=0, central_accuracy=0.1, central_loss=2.3, seconds=1.0))
+    board.add_row(RoundRow(round=1, central_accuracy=0.5, central_loss=1.5, train_loss=1.9, seconds=2.0, epsilon=3.5))
+    board.close()
+    scalars = read_scalars(tmp_path)
+    assert scalars["central-accuracy"] == [(0, 0.1), (1, 0.5)]
+    assert scalars["central-loss"] == [(0, 2.3), (1, 1.5)]
+    assert scalars["train-loss"] == [(1, 1.9)] and scalars["epsilon"] == [(1, 3.5)]
+    assert "round" not in scalars and "eval-accuracy" not in scalars  # absent values are not written as 0
+
+
+def test_a_writer_that_cannot_write_is_one_warning_and_the_run_goes_on(tmp_path, caplog):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    board = ScalarBoard(blocked)
+    with caplog.at_level(logging.WARNING, logger="flwr.fedcifar_app"):
+        board.add_row(RoundRow(round=0, central_accuracy=0.1))
+        board.add_row(RoundRow(round=1, central_accuracy=0.2))
+        board.close()
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "TensorBoard scalars stop" in warnings[0] and "the run goes on" in warnings[0]
