@@ -39,13 +39,14 @@ def boot_id() -> str:
 
 
 def process_start(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if gone."""
+    """A process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if gone
+    (a zombie counts as gone: it has exited, only its parent has not collected it)."""
     try:
         stat = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state is field 3
-    return int(fields[19])
+    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def this_process() -> dict[str, Any]:

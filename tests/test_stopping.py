@@ -278,3 +278,82 @@ def test_resume_refuses_a_run_that_still_runs(tmp_path):
         load_resumed(resume)
     recorder.set_status("stopped", "stopped by the test after round 0 of 3")
     assert load_resumed(resume).round == 0
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` consecutive ports free on 127.0.0.1 now."""
+    for base in range(23000 + os.getpid() % 1000 * 20, 60000, 97):
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return list(range(base, base + count))
+    raise RuntimeError("no free ports")
+
+
+def bounded(command: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+        check=False, start_new_session=True,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_flwr_stop_in_deployment_records_stopped(tmp_path):
+    """`fedcifar-deploy up` (2 SuperNodes), a long run, `flwr stop` after round 1: status "stopped" naming
+    `flwr stop`, and the resume line in run.log and in the ServerApp's log (`flwr log`)."""
+    env = flwr_env(tmp_path / "cache")
+    ports = free_ports(6)
+    deploy_cli = [sys.executable, "-m", "fedcifar_app.deploy"]
+    deploy_dir = tmp_path / "deploy"
+    up = bounded(
+        [*deploy_cli, "up", "--dir", str(deploy_dir), "--nodes", "2", "--superlink-ports",
+         ",".join(map(str, ports[:3])), "--clientappio-base-port", str(ports[3])],
+        tmp_path, env,
+    )  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        federation = ["local-deployment", "--federation-config", f"address='127.0.0.1:{ports[2]}'"]
+        output_dir = tmp_path / "outputs"
+        config = (
+            f"num-server-rounds=30 min-train-nodes=2 min-evaluate-nodes=1 min-available-nodes=2 dataset='synthetic' "
+            f"output-dir='{output_dir}' node-wait-timeout=60 round-timeout=120"
+        )
+        flwr = str(BIN_DIR / "flwr")
+        started = bounded([flwr, "run", ".", *federation, "--run-config", config, "--format", "json"], APP_DIR, env)
+        answer = json.loads(started.stdout[started.stdout.find("{") :])
+        assert answer.get("success"), started.stdout + started.stderr
+        run_id = str(answer["run-id"])
+
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        folder = None
+        while time.monotonic() < deadline:
+            folder = only_run_folder(output_dir)
+            if folder is not None and (folder / results.CHECKPOINT).exists():
+                if torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)["round"] >= 1:
+                    break
+            time.sleep(0.3)
+        assert folder is not None and (folder / results.CHECKPOINT).exists(), "no checkpoint of round 1"
+
+        stopped = bounded([flwr, "stop", run_id, ".", *federation], APP_DIR, env)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        deadline = time.monotonic() + 60
+        while results.read_status(folder).state == "running" and time.monotonic() < deadline:
+            time.sleep(0.3)
+        status = results.read_status(folder)
+        assert status.state == "stopped", status.raw
+        assert "flwr stop" in status.reason and "after round" in status.reason, status.reason
+        assert len(json.loads((folder / results.METRICS).read_text())) < 31
+        resume_lines = RESUME_LINE.findall((folder / "run.log").read_text())
+        assert len(resume_lines) == 1 and "<federation>" in resume_lines[0], resume_lines
+
+        shown = bounded([flwr, "log", run_id, ".", *federation, "--show"], APP_DIR, env, timeout=60)
+        assert "resume with: flwr run" in shown.stdout + shown.stderr, (shown.stdout + shown.stderr)[-3000:]
+    finally:
+        down = bounded([*deploy_cli, "down", "--dir", str(deploy_dir)], tmp_path, env)
+        assert down.returncode == 0, down.stdout + down.stderr
