@@ -193,7 +193,8 @@ class RunRecorder:
     stale_after_s: float | None = None  # recorded in status.json: when a silent "running" is interrupted
     status: str = ""
     checkpointed_round: int = -1  # what a resume continues from; -1 before round 0's checkpoint
-    status_lock: threading.Lock = field(default_factory=threading.Lock)  # the stop watcher writes too
+    # The stop watcher thread and Flower's signal handler (which may interrupt a write) write status too.
+    status_lock: Any = field(default_factory=threading.RLock)
 
     @classmethod
     def start(cls, folder: Path, config: RunConfig, resumed: Checkpoint | None) -> RunRecorder:

@@ -83,10 +83,6 @@ class RunStatus:
     why: str
     raw: dict[str, Any]
 
-    @property
-    def finished(self) -> bool:
-        return self.state != "running"
-
 
 def read_status(folder: Path, *, now: float | None = None) -> RunStatus:
     """A run folder's status; a "running" whose process is gone reads as "interrupted" (rule above).

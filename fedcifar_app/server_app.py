@@ -69,6 +69,8 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) -> None:
     config = RunConfig.from_run_config(context.run_config)
     simulation = is_simulation(grid)
+    stop.on_stop = lambda who: record_stop(None, config, folder, who, simulation=simulation)
+    grid = stop.listen(grid)  # from here a stop is recorded (loading the data can take minutes)
     device = training.pick_device(config.device)
     logger.info("fedcifar_app run folder: %s", folder)
     logger.info(
@@ -84,9 +86,12 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
     check_dataset(config.dataset)
     test_data = load_split(config.dataset, "test")
     resumed = load_resumed(config)
+    stop.check()  # a stop while loading was recorded; "running" must not replace it
     recorder = RunRecorder.start(folder, config, resumed)
     stop.on_stop = lambda who: record_stop(recorder, config, folder, who, simulation=simulation)
-    grid = stop.listen(grid)
+    if stop.requested:  # it came while the recorder started and wrote "running": put "stopped" back
+        recorder.set_status("stopped", f"{stop.who} before this run checkpointed a round")
+        stop.check()
 
     needed = max(config.min_available_nodes, config.min_train_nodes, config.min_evaluate_nodes)
     node_ids = wait_for_nodes(grid, needed, config.node_wait_timeout, simulation=simulation)
@@ -169,14 +174,17 @@ def load_resumed(config: RunConfig) -> Checkpoint | None:
     return resumed
 
 
-def record_stop(recorder: RunRecorder, config: RunConfig, folder: Path, who: str, *, simulation: bool) -> None:
+def record_stop(recorder: RunRecorder | None, config: RunConfig, folder: Path, who: str, *, simulation: bool) -> None:
     """Status "stopped" with who and after which round, and ONE line with the command that resumes."""
-    last = recorder.last_round
+    last = recorder.last_round if recorder is not None else -1
     if last >= 0:
         reason, source = f"{who} after round {last} of {config.num_server_rounds}", folder
     else:  # nothing checkpointed here: continue from where this run started, if it was a resume
         reason, source = f"{who} before this run checkpointed a round", Path(config.resume_from or folder)
-    recorder.set_status("stopped", reason, rounds=last if last >= 0 else None)
+    if recorder is not None:
+        recorder.set_status("stopped", reason, rounds=last if last >= 0 else None)
+    else:
+        write_status(folder, "stopped", reason, rounds=None)
     if last >= 0 or config.resume_from:
         logger.warning("Run %s; resume with: %s", reason, resume_command(config, source, simulation=simulation))
     else:

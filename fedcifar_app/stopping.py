@@ -6,7 +6,8 @@ Where a stop comes from, per Flower runtime (1.25; see compat for the hooks):
   which sets the engine's stop event; a watcher thread here sees it. Ctrl-C also makes the ``flwr``
   CLI SIGKILL ``flower-simulation`` 0.25 s later (Python's ``subprocess.run``), so the stop is
   recorded the moment it is seen, the round in progress is abandoned, and the engine's processes
-  (Ray) are ended here, since nothing else will end them.
+  (Ray) are ended here, since nothing else will end them. A signal to the ``flwr`` process alone
+  leaves ``flower-simulation`` running without a parent: that is watched for too.
 - deployment (``flwr-serverapp``) and Flower >= 1.27: Flower's own signal handler (SIGINT, SIGTERM,
   or a heartbeat the SuperLink refused after ``flwr stop``) calls our exit handler, then exits.
 - ``flwr stop`` in deployment: the next grid call raises ``RunNotRunningException``.
@@ -38,6 +39,7 @@ from .run_status import PROC, process_start
 logger = logging.getLogger("flwr.fedcifar_app")
 
 BY_SIGNAL_SIMULATION = "stopped by Ctrl-C or SIGTERM (the simulation engine shut down)"
+BY_CLI_GONE = "stopped: `flwr run` ended under the simulation (SIGTERM or kill to the flwr process alone)"
 BY_FLOWER_EXIT = "stopped: Flower ended the ServerApp process (`flwr stop`, or SIGINT/SIGTERM to it)"
 BY_FLWR_STOP = "stopped by `flwr stop` (the SuperLink no longer runs this run)"
 ALWAYS_IN_RESUME = ("num-server-rounds", "output-dir")
@@ -53,7 +55,7 @@ class RunStop:
     event: threading.Event = field(default_factory=threading.Event)
     who: str = ""
     closed: bool = False
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: Any = field(default_factory=threading.RLock)  # re-entrant: Flower's signal handler may interrupt a holder
     engine_processes: list[tuple[int, int]] = field(default_factory=list)  # (pid, start) to end in simulation
 
     @property
@@ -88,6 +90,7 @@ class RunStop:
             return grid
         self.engine_processes = descendants(os.getpid())
         threading.Thread(target=self._watch_engine, args=(engine_stop,), name="fedcifar-stop", daemon=True).start()
+        threading.Thread(target=self._watch_parent, args=(os.getppid(),), name="fedcifar-parent", daemon=True).start()
         return StoppableGrid(grid, self)
 
     def at_round_boundary(self) -> None:
@@ -103,6 +106,15 @@ class RunStop:
                 return
         self.request(BY_SIGNAL_SIMULATION)
         end_processes(self.engine_processes + descendants(os.getpid()))
+
+    def _watch_parent(self, parent: int, poll_s: float = 0.5) -> None:
+        """``flower-simulation`` whose ``flwr run`` died (its parent changed) stops the run."""
+        while not self.closed and not self.event.is_set():
+            if os.getppid() != parent:
+                self.request(BY_CLI_GONE)
+                end_processes(self.engine_processes + descendants(os.getpid()))
+                return
+            time.sleep(poll_s)
 
 
 def resume_command(config: RunConfig, folder: Path, *, simulation: bool) -> str:

@@ -101,9 +101,9 @@ def wait_for_checkpoint(process: subprocess.Popen, output_dir: Path, round_numbe
     pytest.fail(f"no checkpoint of round {round_number} within {RUN_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
-def signal_after_round(tmp_path: Path, signum: int, after_round: int) -> tuple[Path, float, str]:
-    """Run PLANNED_ROUNDS rounds, send ``signum`` to the whole group once ``after_round`` is checkpointed;
-    return the run folder, seconds until every process of the run was gone, and the CLI output."""
+def signal_after_round(tmp_path: Path, signum: int, after_round: int, *, group: bool = True) -> tuple[Path, float, str]:
+    """Run PLANNED_ROUNDS rounds, send ``signum`` to the whole group (or to `flwr` alone) once ``after_round``
+    is checkpointed; return the run folder, seconds until every process of the run was gone, the CLI output."""
     output_dir, log = tmp_path / "outputs", tmp_path / f"flwr-{signum}.log"
     config = f"dataset='synthetic' {SMALL_NODES} num-server-rounds={PLANNED_ROUNDS} output-dir='{output_dir}'"
     command = [str(BIN_DIR / "flwr"), "run", ".", "--run-config", config, "--federation-config", SMALL_FEDERATION]
@@ -111,7 +111,7 @@ def signal_after_round(tmp_path: Path, signum: int, after_round: int) -> tuple[P
     try:
         folder = wait_for_checkpoint(process, output_dir, after_round, log)
         signalled = time.monotonic()
-        os.killpg(process.pid, signum)
+        (os.killpg if group else os.kill)(process.pid, signum)
         while (live_session_members(process.pid) or process.poll() is None) and (
             time.monotonic() - signalled < STOP_WITHIN_S + 15
         ):
@@ -172,9 +172,11 @@ def test_ctrl_c_stops_the_run_and_the_printed_command_resumes_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_run_like_ctrl_c(tmp_path):
-    """SIGTERM (what `timeout`, schedulers and `kill` send) to the group after round 0."""
-    folder, gone_after, output = signal_after_round(tmp_path, signal.SIGTERM, after_round=0)
+def test_sigterm_to_flwr_alone_stops_the_run_like_ctrl_c(tmp_path):
+    """`kill <flwr pid>` (SIGTERM to the CLI alone) after round 0: the CLI dies at once and would leave
+    flower-simulation and Ray running on their own; the run notices and stops like a Ctrl-C. (SIGTERM to
+    the whole group, as `timeout` sends it, goes the way of Ctrl-C: the engine shuts down.)"""
+    folder, gone_after, output = signal_after_round(tmp_path, signal.SIGTERM, after_round=0, group=False)
     assert_stopped(folder, gone_after, output)
 
 
@@ -303,14 +305,50 @@ def bounded(command: list[str], cwd: Path, env: dict[str, str], timeout: float =
     )  # fmt: skip
 
 
+def wait_for_status(folder: Path, leaving: str, timeout_s: float = 60) -> results.RunStatus:
+    deadline = time.monotonic() + timeout_s
+    while results.read_status(folder).state == leaving and time.monotonic() < deadline:
+        time.sleep(0.3)
+    return results.read_status(folder)
+
+
 @pytest.mark.slow
-def test_flwr_stop_in_deployment_records_stopped(tmp_path):
-    """`fedcifar-deploy up` (2 SuperNodes), a long run, `flwr stop` after round 1: status "stopped" naming
-    `flwr stop`, and the resume line in run.log and in the ServerApp's log (`flwr log`)."""
+def test_flwr_stop_and_sigterm_in_deployment_record_stopped(tmp_path):
+    """`fedcifar-deploy up` (2 SuperNodes), two long runs on it: `flwr stop` after round 1, then SIGTERM
+    to the ServerApp process (Flower's own handler) after round 0. Each: status "stopped" saying who,
+    one resume line in run.log, and for `flwr stop` the line in the ServerApp's log (`flwr log`)."""
     env = flwr_env(tmp_path / "cache")
     ports = free_ports(6)
     deploy_cli = [sys.executable, "-m", "fedcifar_app.deploy"]
     deploy_dir = tmp_path / "deploy"
+    flwr = str(BIN_DIR / "flwr")
+    federation = ["local-deployment", "--federation-config", f"address='127.0.0.1:{ports[2]}'"]
+
+    def start_run(output_dir: Path, after_round: int) -> tuple[str, Path]:
+        config = (
+            f"num-server-rounds=30 min-train-nodes=2 min-evaluate-nodes=1 min-available-nodes=2 dataset='synthetic' "
+            f"output-dir='{output_dir}' node-wait-timeout=60 round-timeout=120"
+        )
+        started = bounded([flwr, "run", ".", *federation, "--run-config", config, "--format", "json"], APP_DIR, env)
+        answer = json.loads(started.stdout[started.stdout.find("{") :] or "{}")
+        assert answer.get("success"), started.stdout + started.stderr
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while time.monotonic() < deadline:
+            folder = only_run_folder(output_dir)
+            if folder is not None and (folder / results.CHECKPOINT).exists():
+                if (
+                    torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)["round"]
+                    >= after_round
+                ):
+                    return str(answer["run-id"]), folder
+            time.sleep(0.3)
+        pytest.fail(f"no checkpoint of round {after_round} in {output_dir}")
+
+    def assert_one_resume_line(folder: Path) -> str:
+        lines = RESUME_LINE.findall((folder / "run.log").read_text())
+        assert len(lines) == 1 and "<federation>" in lines[0], lines
+        return lines[0]
+
     up = bounded(
         [*deploy_cli, "up", "--dir", str(deploy_dir), "--nodes", "2", "--superlink-ports",
          ",".join(map(str, ports[:3])), "--clientappio-base-port", str(ports[3])],
@@ -318,42 +356,24 @@ def test_flwr_stop_in_deployment_records_stopped(tmp_path):
     )  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        federation = ["local-deployment", "--federation-config", f"address='127.0.0.1:{ports[2]}'"]
-        output_dir = tmp_path / "outputs"
-        config = (
-            f"num-server-rounds=30 min-train-nodes=2 min-evaluate-nodes=1 min-available-nodes=2 dataset='synthetic' "
-            f"output-dir='{output_dir}' node-wait-timeout=60 round-timeout=120"
-        )
-        flwr = str(BIN_DIR / "flwr")
-        started = bounded([flwr, "run", ".", *federation, "--run-config", config, "--format", "json"], APP_DIR, env)
-        answer = json.loads(started.stdout[started.stdout.find("{") :])
-        assert answer.get("success"), started.stdout + started.stderr
-        run_id = str(answer["run-id"])
 
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        folder = None
-        while time.monotonic() < deadline:
-            folder = only_run_folder(output_dir)
-            if folder is not None and (folder / results.CHECKPOINT).exists():
-                if torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)["round"] >= 1:
-                    break
-            time.sleep(0.3)
-        assert folder is not None and (folder / results.CHECKPOINT).exists(), "no checkpoint of round 1"
-
+        run_id, folder = start_run(tmp_path / "stopped", after_round=1)
         stopped = bounded([flwr, "stop", run_id, ".", *federation], APP_DIR, env)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        deadline = time.monotonic() + 60
-        while results.read_status(folder).state == "running" and time.monotonic() < deadline:
-            time.sleep(0.3)
-        status = results.read_status(folder)
+        status = wait_for_status(folder, leaving="running")
         assert status.state == "stopped", status.raw
         assert "flwr stop" in status.reason and "after round" in status.reason, status.reason
         assert len(json.loads((folder / results.METRICS).read_text())) < 31
-        resume_lines = RESUME_LINE.findall((folder / "run.log").read_text())
-        assert len(resume_lines) == 1 and "<federation>" in resume_lines[0], resume_lines
-
+        assert_one_resume_line(folder)
         shown = bounded([flwr, "log", run_id, ".", *federation, "--show"], APP_DIR, env, timeout=60)
         assert "resume with: flwr run" in shown.stdout + shown.stderr, (shown.stdout + shown.stderr)[-3000:]
+
+        _, folder = start_run(tmp_path / "terminated", after_round=0)
+        os.kill(results.read_status(folder).pid, signal.SIGTERM)  # flwr-serverapp, a child of the SuperLink
+        status = wait_for_status(folder, leaving="running")
+        assert status.state == "stopped", status.raw
+        assert "Flower ended the ServerApp process" in status.reason and "after round" in status.reason, status.reason
+        assert_one_resume_line(folder)
     finally:
         down = bounded([*deploy_cli, "down", "--dir", str(deploy_dir)], tmp_path, env)
         assert down.returncode == 0, down.stdout + down.stderr
