@@ -53,15 +53,15 @@ def federation_options(app: Path, federation: str | None = None) -> dict[str, An
     return flatten_dict(dict(federations[name].get("options", {})))
 
 
-def federation_override(app: Path, federation: str | None = None, **changes: Any) -> str:
+def federation_override(app: Path, changes: Mapping[str, Any] | None = None, federation: str | None = None) -> str:
     """``--federation-config`` text: the federation's own options with ``changes`` applied.
 
     flwr 1.25 replaces the whole ``options`` table with an override's, so "options.num-supernodes=3"
-    alone would drop client-resources and init-args; this restates every option.
-    Keyword names use underscores for dashes: ``num_supernodes=3``.
+    alone would drop client-resources and init-args; this restates every option. ``changes`` keys
+    are option names without the ``options.`` prefix: ``{"num-supernodes": 3}``.
     """
     options = federation_options(app, federation)
-    options.update({key.replace("_", "-"): value for key, value in changes.items()})
+    options.update(changes or {})
     return format_overrides({f"options.{key}": value for key, value in options.items()})
 
 

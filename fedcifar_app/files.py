@@ -35,3 +35,18 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def publish_folder(staging: Path, target: Path) -> None:
+    """Publish a whole folder at once: fsync every file of ``staging``, rename it to ``target``, fsync
+    the parent. For files too big to hold in memory (the decode cache writes its images into a
+    memory-mapped file in ``staging``), where ``atomic_write_bytes`` would need a second copy."""
+    for path in staging.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    os.replace(staging, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

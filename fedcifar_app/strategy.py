@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,11 +27,26 @@ logger = logging.getLogger("flwr.fedcifar_app")
 __all__ = ["AppHooks", "RoundSink", "RunAborted", "StrategyHooks", "with_app_hooks", "wait_for_nodes"]
 
 
+_FLOWER_REASON = re.compile(r"^<class '(?P<cls>[\w.]+)'>:<'(?P<text>.*)'>$", re.DOTALL)
+
+
 def short_reason(reason: str) -> str:
-    """A node's error in one line: Flower wraps a ClientApp exception in a traceback."""
-    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else "unknown error"
-    return last.removesuffix("'>").replace("Exception ClientAppException occurred. Message: ", "")
+    """A node's error in one line.
+
+    Flower reports a ClientApp exception as ``<class 'X'>:<'text'>``, where for its own
+    ClientAppException the text is "\\nException ClientAppException occurred. Message: ...";
+    this app's own error replies are already one line.
+    """
+    reason = reason.strip()
+    match = _FLOWER_REASON.match(reason)
+    if match:
+        name, text = match["cls"].rsplit(".", 1)[-1], match["text"]
+        text = text.split("occurred. Message: ", 1)[1] if "occurred. Message: " in text else text
+        lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+        text = lines[-1] if lines else ""
+        return text if name == "ClientAppException" else f"{name}: {text}"
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[-1] if lines else "unknown error"
 
 
 def replies_by_node(sent: Iterable[Message], replies: Iterable[Message]) -> dict[int, Message]:

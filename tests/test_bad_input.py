@@ -7,6 +7,7 @@ same messages reach a real `flwr run .`: one ERROR line, status "failed", no tra
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,10 +16,12 @@ import pytest
 import torch
 from conftest import SMALL_NODES, encode_image, federation_override, make_parquet_dataset, run_flwr, write_parquet_split
 
-from fedcifar_app.config import ConfigError, NodeData, RunConfig
+from fedcifar_app.config import ConfigError, DeviceChoice, NodeData, RunConfig
 from fedcifar_app.data import DataError, check_dataset, load_node_data, load_split
-from fedcifar_app.results import Checkpoint, create_run_folder
+from fedcifar_app.model import new_model
+from fedcifar_app.results import Checkpoint, RunRecorder, create_run_folder
 from fedcifar_app.strategy import RunAborted, wait_for_nodes
+from fedcifar_app.training import pick_device
 
 USER_ERRORS = (ConfigError, DataError, RunAborted)
 
@@ -71,6 +74,16 @@ def foreign_checkpoint(root: Path) -> Path:
     torch.save(
         {"round": 1, "weights": weights, "metrics": [], "best-accuracy": 0.1, "run-config": {}}, root / "checkpoint.pt"
     )
+    return root
+
+
+def truncated_checkpoint(root: Path) -> Path:
+    """A real checkpoint cut in half, as a full disk or a copy interrupted midway leaves it."""
+    root.mkdir(parents=True)
+    recorder = RunRecorder.start(root, RunConfig(dataset="synthetic"), None)
+    recorder.finish_round(0, 2.3, 0.1, new_model(0).state_dict())
+    data = (root / "checkpoint.pt").read_bytes()
+    (root / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     return root
 
 
@@ -148,6 +161,11 @@ CASES: list[tuple[str, Callable[[Path], object], tuple[str, ...]]] = [
         ("output-dir=", "cannot be written"),
     ),
     (
+        "truncated checkpoint",
+        lambda t: Checkpoint.load(truncated_checkpoint(t / "run")),
+        ("checkpoint.pt cannot be read", "damaged or not a checkpoint", "resume from another run folder"),
+    ),
+    (
         "fewer simulated nodes than needed",
         lambda t: wait_for_nodes(FixedGrid(3), 10, 60, simulation=True),
         ("3 SuperNodes", "needs 10", "options.num-supernodes"),
@@ -170,8 +188,12 @@ def test_bad_input_gives_one_line_that_names_the_problem_and_the_fix(tmp_path, n
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
-def test_there_are_at_least_fifteen_cases():
-    assert len(CASES) >= 15
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_a_config_error_naming_the_fix():
+    with pytest.raises(
+        ConfigError, match=r"device='cuda' but this machine's PyTorch sees no CUDA GPU.*use device='auto'"
+    ):
+        pick_device(DeviceChoice.CUDA)
 
 
 def folder_digest(folder: Path) -> str:
@@ -197,6 +219,7 @@ E2E_CASES = [  # (name, run-config override, expected message, number of simulat
     ("partitions too small", lambda t: f"dataset='{tiny_dataset(t / 'd')}'", "too few to split", 3),
     ("more nodes needed than simulated", lambda t: "", "simulated federation has 2 SuperNodes", 2),
     ("resume from a non-run folder", lambda t: f"resume-from='{t}'", "not a run folder", 3),
+    ("cuda on a machine without a GPU", lambda t: "device='cuda'", "device='cuda' but this machine's PyTorch", 3),
 ]
 
 
@@ -222,6 +245,24 @@ def test_flwr_run_fails_fast_with_one_error_line_and_a_failed_status(
     assert run.status["status"] == "failed" and expected in run.status["reason"]
     assert not (run.run_folder / "metrics.json").exists() or run.metrics == []  # nothing trained
     assert folder_digest(inputs) == before  # inputs, a resumed folder included, are never touched
+
+
+def test_diverging_training_fails_in_one_line_keeping_the_last_finite_checkpoint_and_strict_json(tmp_path, flwr_env):
+    run = run_flwr(
+        tmp_path / "out", f"dataset='synthetic' {SMALL_NODES} num-server-rounds=3 learning-rate=1e30", env=flwr_env
+    )
+    error_lines = [line for line in run.output.splitlines() if "ERROR" in line]
+    assert len(error_lines) == 1, run.output[-3000:]
+    assert "round 1: training diverged" in error_lines[0] and "learning-rate=1e+30 is likely too high" in error_lines[0]
+    assert "Traceback" not in run.output
+    assert run.status["status"] == "failed" and "resume-from=" in run.status["reason"]
+
+    def refuse(token: str):
+        raise AssertionError(f"metrics.json holds {token}, which is not JSON")
+
+    rows = json.loads((run.run_folder / "metrics.json").read_text(), parse_constant=refuse)
+    assert [row["round"] for row in rows] == [0]  # the diverged round is not recorded
+    assert Checkpoint.load(run.run_folder).round == 0  # the last finite model
 
 
 def test_unwritable_output_dir_fails_with_one_line(tmp_path, flwr_env):

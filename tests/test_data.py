@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import encode_image, make_parquet_dataset
+from support.datasets import encode_image, make_parquet_dataset, write_parquet_split
 
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.data import (
     CIFAR10_CLASSES,
     DataError,
+    FolderKind,
     LocalFolder,
     class_names,
     load_node_data,
@@ -35,7 +36,7 @@ def test_parquet_folder_loads_in_the_cifar_schema(tmp_path):
     train, test = load_split(str(tmp_path / "cifar"), "train"), load_split(str(tmp_path / "cifar"), "test")
     assert (len(train), len(test)) == (30, 10)
     assert train.images.shape == (30, 3, 32, 32) and train.labels.tolist()[:3] == [0, 1, 2]
-    assert resolve_source(str(tmp_path / "cifar")) == LocalFolder(tmp_path / "cifar", "parquet")
+    assert resolve_source(str(tmp_path / "cifar")) == LocalFolder(tmp_path / "cifar", FolderKind.PARQUET)
 
 
 def test_png_images_and_save_to_disk_folders_load_too(tmp_path):
@@ -106,3 +107,55 @@ def test_data_path_node_uses_its_own_folder(tmp_path):
 def test_missing_local_path_is_an_error_not_a_hub_lookup(name):
     with pytest.raises(DataError, match="no such folder"):
         resolve_source(name)
+
+
+# --------------------------------------------------------------------------- damaged user files
+
+
+def test_a_corrupt_image_in_an_image_folder_is_refused_naming_the_file(tmp_path):
+    rng = np.random.default_rng(2)
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            folder = tmp_path / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(3):
+                (folder / f"{i}.jpg").write_bytes(encode_image(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)))
+    broken = tmp_path / "images" / "train" / "dog" / "1.jpg"
+    whole = broken.read_bytes()
+    broken.write_bytes(whole[: len(whole) // 2])  # cut short, as an interrupted copy leaves it
+
+    with pytest.raises(DataError) as caught:
+        load_split(str(tmp_path / "images"), "train")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{broken} is not a readable image")
+    assert "truncated" in message and "replace or delete that file" in message
+    assert "cpp" not in message, "no C++ source locations in a user's message"
+    assert broken.read_bytes() == whole[: len(whole) // 2], "the user's file is never touched"
+
+
+def test_a_row_that_does_not_decode_in_parquet_is_refused_naming_file_and_row(tmp_path):
+    pixels = np.random.default_rng(3).integers(0, 255, size=(6, 32, 32, 3), dtype=np.uint8)
+    images = [encode_image(p) for p in pixels]
+    images[4] = images[4][:100]  # a JPEG cut short inside the file
+    file = tmp_path / "bad" / "train-00000-of-00001.parquet"
+    write_parquet_split(file, images, [0, 1, 2, 3, 4, 5])
+    write_parquet_split(tmp_path / "bad" / "test-00000-of-00001.parquet", images[:2], [0, 1])
+
+    with pytest.raises(DataError) as caught:
+        load_split(str(tmp_path / "bad"), "train")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{file}: row 4 is not a readable image")
+    assert "re-encode that row or remove it" in message
+
+
+def test_an_empty_label_in_parquet_is_refused_naming_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = [encode_image(p) for p in np.zeros((3, 32, 32, 3), np.uint8)]
+    img = pa.array([{"bytes": b, "path": None} for b in images])
+    file = tmp_path / "nolabel" / "train-00000-of-00001.parquet"
+    file.parent.mkdir()
+    pq.write_table(pa.table({"img": img, "label": pa.array([0, None, 2], pa.int64())}), file)
+    with pytest.raises(DataError, match=r"train-00000-of-00001.parquet: column 'label' has 1 empty row"):
+        load_split(str(file.parent), "train")

@@ -1,16 +1,15 @@
 """The decode-once cache: same pixels as decoding directly, keyed on everything that defines the data.
 
 Offline and fast: every test writes its own small parquet folder in the uoft-cs/cifar10 schema
-(``img`` = struct{bytes, path} holding JPEG or PNG bytes, ``label`` = int64) and its own cache
-folder (FEDCIFAR_CACHE_DIR under tmp_path). The reference decoder is PIL, which the
-torchvision decoders match bit for bit on these images.
+(tests/support/datasets.py) and its own cache folder (FEDCIFAR_CACHE_DIR under tmp_path). The
+reference decoder is PIL, which the torchvision decoders match bit for bit on these images. A damaged
+entry (the cache is the app's own) must be rebuilt, never served.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import os
 import subprocess
 import sys
@@ -19,17 +18,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from support.datasets import (
+    ParquetFolder,
+    encode_image,
+    make_multi_file_dataset,
+    make_rows,
+    pil_decode,
+    write_parquet_split,
+)
 
 from fedcifar_app import data
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
+from fedcifar_app.data import decoding, node_data, partitions
 
 REPO = Path(__file__).resolve().parents[1]
-# torchvision 0.29 deprecates its decoders on every call (data.py filters it; pytest resets filters).
+# torchvision 0.29 deprecates its decoders on every call (data/decoding.py filters it; pytest resets filters).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 SUBPROCESS_TIMEOUT_S = 120
 
@@ -37,94 +42,30 @@ SUBPROCESS_TIMEOUT_S = 120
 # --------------------------------------------------------------------------- helpers
 
 
-def encode(image: np.ndarray, fmt: str) -> bytes:
-    """HWC uint8 -> JPEG or PNG bytes, as PIL writes them."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-    return buffer.getvalue()
-
-
-def pil_decode(encoded: bytes) -> np.ndarray:
-    """The reference: PIL, to CHW uint8."""
-    return np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB")).transpose(2, 0, 1)
-
-
-def make_rows(count: int, seed: int, png_every: int = 5) -> tuple[list[bytes], list[int]]:
-    """Distinct, class-dependent 32x32 images (so rows identify themselves), mostly JPEG, some PNG."""
-    rng = np.random.default_rng(seed)
-    encoded, labels = [], []
-    for row in range(count):
-        label = row % 10
-        image = np.clip(rng.normal(25 * label + 10, 40, size=(32, 32, 3)), 0, 255).astype(np.uint8)
-        encoded.append(encode(image, "PNG" if row % png_every == png_every - 1 else "JPEG"))
-        labels.append(label)
-    return encoded, labels
-
-
-def write_parquet(path: Path, encoded: list[bytes], labels: list[int]) -> None:
-    """One parquet file in the uoft-cs/cifar10 schema."""
-    img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    table = pa.table(
-        {
-            "img": pa.array([{"bytes": b, "path": f"{i}.img"} for i, b in enumerate(encoded)], type=img_type),
-            "label": pa.array(labels, type=pa.int64()),
-        }
-    )
-    pq.write_table(table, path, row_group_size=64)
-
-
-@dataclasses.dataclass
-class Folder:
-    path: Path
-    train: tuple[list[bytes], list[int]]
-    test: tuple[list[bytes], list[int]]
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
-
-
-def make_dataset(root: Path, train_rows: int = 200, test_rows: int = 40, seed: int = 0) -> Folder:
-    """train in two files (train-0000{0,1}-of-00002.parquet), test in one."""
-    root.mkdir(parents=True, exist_ok=True)
-    train = make_rows(train_rows, seed)
-    test = make_rows(test_rows, seed + 1000)
-    half = train_rows // 2
-    write_parquet(root / "train-00000-of-00002.parquet", train[0][:half], train[1][:half])
-    write_parquet(root / "train-00001-of-00002.parquet", train[0][half:], train[1][half:])
-    write_parquet(root / "test-00000-of-00001.parquet", *test)
-    return Folder(root, train, test)
-
-
 def entries(cache: Path) -> list[Path]:
     """Complete cache entries (a folder with meta.json)."""
     return sorted(p for p in cache.glob("*") if (p / "meta.json").exists()) if cache.exists() else []
-
-
-def clear_process_caches() -> None:
-    for cached in (data._cached_arrays, data._partitioner, data._iid_permutation, data._load_node_data):
-        cached.cache_clear()
 
 
 @pytest.fixture
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("FEDCIFAR_CACHE_DIR", str(cache))
-    clear_process_caches()
+    data.reset_process_caches()
     yield cache
-    clear_process_caches()
+    data.reset_process_caches()
 
 
 @pytest.fixture
-def dataset(tmp_path: Path) -> Folder:
-    return make_dataset(tmp_path / "cifar")
+def dataset(tmp_path: Path) -> ParquetFolder:
+    return make_multi_file_dataset(tmp_path / "cifar")
 
 
 # --------------------------------------------------------------------------- same pixels
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_cache_returns_exactly_the_pixels_pil_decodes(cache_dir: Path, dataset: Folder, split: str) -> None:
+def test_cache_returns_exactly_the_pixels_pil_decodes(cache_dir: Path, dataset: ParquetFolder, split: str) -> None:
     encoded, labels = getattr(dataset, split)
     expected = np.stack([pil_decode(b) for b in encoded])
 
@@ -134,7 +75,7 @@ def test_cache_returns_exactly_the_pixels_pil_decodes(cache_dir: Path, dataset: 
     np.testing.assert_array_equal(first.labels.numpy(), np.array(labels))
     assert first.labels.dtype == torch.int64
 
-    clear_process_caches()  # as a new process would: read back from disk
+    data.reset_process_caches()  # as a new process would: read back from disk
     again = data.load_split(dataset.name, split)
     np.testing.assert_array_equal(again.images.numpy(), expected)
     np.testing.assert_array_equal(again.labels.numpy(), np.array(labels))
@@ -143,8 +84,8 @@ def test_cache_returns_exactly_the_pixels_pil_decodes(cache_dir: Path, dataset: 
 
 def test_chunked_threaded_decode_matches_pil_and_names_the_bad_row(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small chunks force many chunks across threads: same pixels, and errors name the global row."""
-    monkeypatch.setattr(data, "DECODE_CHUNK", 7)
-    monkeypatch.setattr(data, "_decode_threads", lambda: 3)
+    monkeypatch.setattr(decoding, "DECODE_CHUNK", 7)
+    monkeypatch.setattr(decoding, "decode_threads", lambda: 3)
     encoded, _ = make_rows(50, seed=3, png_every=4)
     np.testing.assert_array_equal(data.decode_images(encoded, "here"), np.stack([pil_decode(b) for b in encoded]))
 
@@ -153,7 +94,7 @@ def test_chunked_threaded_decode_matches_pil_and_names_the_bad_row(monkeypatch: 
     with pytest.raises(data.DataError, match=r"here: row 23 is not a readable image"):
         data.decode_images(broken, "here")
     wrong_size = list(encoded)
-    wrong_size[31] = encode(np.zeros((16, 24, 3), np.uint8), "JPEG")
+    wrong_size[31] = encode_image(np.zeros((16, 24, 3), np.uint8))
     with pytest.raises(data.DataError, match=r"here: row 31 is a 16x24 image with 3 channel\(s\)"):
         data.decode_images(wrong_size, "here")
 
@@ -161,14 +102,16 @@ def test_chunked_threaded_decode_matches_pil_and_names_the_bad_row(monkeypatch: 
 # --------------------------------------------------------------------------- keyed on the files
 
 
-def test_rewriting_a_file_makes_a_new_entry_and_never_serves_the_old_pixels(cache_dir: Path, dataset: Folder) -> None:
+def test_rewriting_a_file_makes_a_new_entry_and_never_serves_the_old_pixels(
+    cache_dir: Path, dataset: ParquetFolder
+) -> None:
     before = data.load_split(dataset.name, "test")
     np.testing.assert_array_equal(before.images.numpy(), np.stack([pil_decode(b) for b in dataset.test[0]]))
 
     new_encoded, new_labels = make_rows(len(dataset.test[0]), seed=777)
     target = dataset.path / "test-00000-of-00001.parquet"
     old_mtime = target.stat().st_mtime_ns
-    write_parquet(target, new_encoded, new_labels)
+    write_parquet_split(target, new_encoded, new_labels)
     os.utime(target, ns=(old_mtime + 2_000_000_000, old_mtime + 2_000_000_000))  # even on coarse clocks
 
     after = data.load_split(dataset.name, "test")  # same process: the lru cache must not hand back the old one
@@ -182,10 +125,10 @@ def test_rewriting_a_file_makes_a_new_entry_and_never_serves_the_old_pixels(cach
     old_node = data.load_node_data(config, node)
     train_file = dataset.path / "train-00001-of-00002.parquet"
     replacement = make_rows(100, seed=555)
-    write_parquet(train_file, *replacement)
+    write_parquet_split(train_file, *replacement)
     os.utime(train_file, ns=(old_mtime + 4_000_000_000,) * 2)
     new_node = data.load_node_data(config, node)
-    clear_process_caches()
+    data.reset_process_caches()
     fresh = data.load_node_data(config, node)
     assert not torch.equal(old_node.train.images, new_node.train.images)
     assert torch.equal(new_node.train.images, fresh.train.images)
@@ -211,7 +154,7 @@ def node_rows(splits: data.NodeSplits) -> tuple[bytes, bytes]:
 
 @pytest.mark.parametrize(("change", "num_partitions"), CHANGES)
 def test_node_data_follows_every_defining_value_and_is_never_stale(
-    cache_dir: Path, dataset: Folder, change: dict, num_partitions: int
+    cache_dir: Path, dataset: ParquetFolder, change: dict, num_partitions: int
 ) -> None:
     config_a = RunConfig(dataset=dataset.name, **BASE)
     config_b = dataclasses.replace(config_a, **change)
@@ -222,9 +165,9 @@ def test_node_data_follows_every_defining_value_and_is_never_stale(
     got_a = node_rows(data.load_node_data(config_a, node_a))
     got_b = node_rows(data.load_node_data(config_b, node_b))
     got_a_again = node_rows(data.load_node_data(config_a, node_a))
-    clear_process_caches()
+    data.reset_process_caches()
     fresh_b = node_rows(data.load_node_data(config_b, node_b))
-    clear_process_caches()
+    data.reset_process_caches()
     fresh_a = node_rows(data.load_node_data(config_a, node_a))
 
     assert got_a == fresh_a == got_a_again
@@ -233,7 +176,7 @@ def test_node_data_follows_every_defining_value_and_is_never_stale(
     assert len(entries(cache_dir)) == 1, "partition values must not re-decode the split"
 
 
-def test_partitions_cover_the_split_once(cache_dir: Path, dataset: Folder) -> None:
+def test_partitions_cover_the_split_once(cache_dir: Path, dataset: ParquetFolder) -> None:
     """IID partitions plus their validation splits are a partition of the train split."""
     config = RunConfig(dataset=dataset.name, partitioner=Partitioner.IID, val_fraction=0.25, seed=3)
     parts = [data.load_node_data(config, NodeData(partition_id=i, num_partitions=4)) for i in range(4)]
@@ -249,9 +192,10 @@ CHILD = textwrap.dedent(
     import hashlib, os, sys, time
     from pathlib import Path
     from fedcifar_app import data
+    from fedcifar_app.data import cache
 
     count_file, ready, go = Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
-    original = data._decode_split
+    original = cache.read_split
 
     def counted(*args, **kwargs):
         with open(count_file, "a") as handle:
@@ -259,7 +203,7 @@ CHILD = textwrap.dedent(
         time.sleep(0.5)  # widen the window in which the other process would decode too
         return original(*args, **kwargs)
 
-    data._decode_split = counted
+    cache.read_split = counted
     ready.touch()
     deadline = time.monotonic() + 60
     while not go.exists():
@@ -273,7 +217,7 @@ CHILD = textwrap.dedent(
 
 
 def test_two_processes_decoding_at_once_write_one_correct_entry(
-    cache_dir: Path, dataset: Folder, tmp_path: Path
+    cache_dir: Path, dataset: ParquetFolder, tmp_path: Path
 ) -> None:
     count_file, go = tmp_path / "decodes.txt", tmp_path / "go"
     env = {**os.environ, "FEDCIFAR_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
@@ -319,7 +263,7 @@ def test_two_processes_decoding_at_once_write_one_correct_entry(
 
 
 def test_fedcifar_cache_clear_empties_the_cache(
-    cache_dir: Path, dataset: Folder, capsys: pytest.CaptureFixture[str]
+    cache_dir: Path, dataset: ParquetFolder, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data.load_split(dataset.name, "train")
     data.load_split(dataset.name, "test")
@@ -339,20 +283,22 @@ def test_fedcifar_cache_clear_empties_the_cache(
     assert data.cache_main(["info"]) == 0
     assert "0 entries" in capsys.readouterr().out
 
-    clear_process_caches()  # a later load decodes again into a fresh entry
+    data.reset_process_caches()  # a later load decodes again into a fresh entry
     again = data.load_split(dataset.name, "test")
     np.testing.assert_array_equal(again.images.numpy(), np.stack([pil_decode(b) for b in dataset.test[0]]))
     assert len(entries(cache_dir)) == 1
 
 
 @pytest.mark.parametrize("partitioner", [Partitioner.IID, Partitioner.DIRICHLET])
-def test_partition_rows_are_flwr_datasets_own(cache_dir: Path, dataset: Folder, partitioner: Partitioner) -> None:
+def test_partition_rows_are_flwr_datasets_own(
+    cache_dir: Path, dataset: ParquetFolder, partitioner: Partitioner
+) -> None:
     """The fast column reads give exactly the rows flwr-datasets' partitioner gives unformatted."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     labels = data.load_split(dataset.name, "train").labels.numpy()
-    fingerprint = data._node_fingerprint(dataset.name, NodeData(partition_id=0, num_partitions=3))
+    fingerprint = node_data.node_fingerprint(dataset.name, NodeData(partition_id=0, num_partitions=3))
     for num_partitions in (3, 7):
         table = Dataset.from_dict({"label": labels, "row": np.arange(len(labels))})
         if partitioner is Partitioner.IID:
@@ -369,7 +315,76 @@ def test_partition_rows_are_flwr_datasets_own(cache_dir: Path, dataset: Folder, 
                 seed=5,
             )
         plain.dataset = table
-        key = (dataset.name, fingerprint, partitioner, num_partitions, 2.0, 5)
+        key = data.PartitionKey(dataset.name, fingerprint, partitioner, num_partitions, 2.0, 5)
         for pid in range(num_partitions):
             expected = np.array([row["row"] for row in plain.load_partition(pid)])
-            np.testing.assert_array_equal(data._partition_rows(key, pid, len(labels)), expected)
+            np.testing.assert_array_equal(partitions.partition_rows(key, pid, len(labels)), expected)
+
+
+# --------------------------------------------------------------------------- damaged entries
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = [
+    pytest.param(lambda e: cut_in_half(e / "images.npy"), id="images cut short"),
+    pytest.param(lambda e: (e / "images.npy").write_bytes((e / "images.npy").read_bytes()[:40]), id="header cut"),
+    pytest.param(lambda e: (e / "images.npy").open("ab").write(b"\0" * 3072), id="images too long"),
+    pytest.param(lambda e: cut_in_half(e / "labels.npy"), id="labels cut short"),
+    pytest.param(lambda e: (e / "meta.json").write_text("{not json"), id="meta unreadable"),
+    pytest.param(lambda e: (e / "meta.json").write_text('{"rows": 3}'), id="meta wrong rows"),
+    pytest.param(lambda e: (e / "images.npy").unlink(), id="images missing"),
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_entry_is_rebuilt_with_one_warning_and_never_served(
+    cache_dir: Path, dataset: ParquetFolder, damage, caplog: pytest.LogCaptureFixture
+) -> None:
+    expected = np.stack([pil_decode(b) for b in dataset.test[0]])
+    data.load_split(dataset.name, "test")
+    (entry,) = entries(cache_dir)
+    damage(entry)
+    data.reset_process_caches()  # as a new process would: it must check what it maps
+
+    with caplog.at_level("WARNING"):
+        again = data.load_split(dataset.name, "test")
+    np.testing.assert_array_equal(again.images.numpy(), expected)
+    np.testing.assert_array_equal(again.labels.numpy(), np.array(dataset.test[1]))
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "damaged" in warnings[0].getMessage(), caplog.text
+    assert str(entry) in warnings[0].getMessage() and "\n" not in warnings[0].getMessage()
+    assert entries(cache_dir) == [entry], "rebuilt in place"
+    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")], "the damaged copy is deleted"
+
+    caplog.clear()
+    data.reset_process_caches()
+    with caplog.at_level("WARNING"):
+        np.testing.assert_array_equal(data.load_split(dataset.name, "test").images.numpy(), expected)
+    assert not caplog.records, "the rebuilt entry is healthy"
+
+
+def test_an_entry_folder_without_meta_is_rebuilt_not_a_crash(cache_dir: Path, dataset: ParquetFolder) -> None:
+    """Before, a folder without meta.json made the writer's rename fail (the folder was not empty)."""
+    data.load_split(dataset.name, "test")
+    (entry,) = entries(cache_dir)
+    (entry / "meta.json").unlink()
+    data.reset_process_caches()
+    again = data.load_split(dataset.name, "test")
+    np.testing.assert_array_equal(again.images.numpy(), np.stack([pil_decode(b) for b in dataset.test[0]]))
+    assert entries(cache_dir) == [entry]
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line_naming_it_and_the_fix(
+    tmp_path: Path, dataset: ParquetFolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the cache folder's parent should be")
+    monkeypatch.setenv("FEDCIFAR_CACHE_DIR", str(blocker / "cache"))
+    data.reset_process_caches()
+    with pytest.raises(data.DataError) as caught:
+        data.load_split(dataset.name, "test")
+    message = str(caught.value)
+    assert "\n" not in message and str(blocker / "cache") in message and "FEDCIFAR_CACHE_DIR" in message

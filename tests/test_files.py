@@ -12,13 +12,15 @@ import torch
 
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.files import atomic_write_json
-from fedcifar_app.metrics import rows_to_json, summary_table
+from fedcifar_app.metrics import RoundRow, rows_to_json, summary_table
 from fedcifar_app.model import new_model
 from fedcifar_app.results import (
     CHECKPOINT,
+    RUN_FOLDER_FORMAT,
     Checkpoint,
     RunRecorder,
     create_run_folder,
+    read_rows,
 )
 
 
@@ -68,14 +70,56 @@ def test_resume_refuses_a_different_experiment_or_no_rounds_left(tmp_path):
 
 
 class Exploit:
+    """Unpickling this runs a shell command: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/fedcifar-pwned",))
+        return (os.system, (f"touch '{self.marker}'",))
 
 
 def test_checkpoints_load_with_weights_only_so_pickled_code_never_runs(tmp_path):
-    torch.save(
-        {"round": 1, "weights": Exploit(), "metrics": [], "best-accuracy": 0.0, "run-config": {}}, tmp_path / CHECKPOINT
-    )
+    marker = tmp_path / "pwned"
+    payload = {"round": 1, "weights": Exploit(str(marker)), "metrics": [], "best-accuracy": 0.0, "run-config": {}}
+    torch.save(payload, tmp_path / CHECKPOINT)
     with pytest.raises(ConfigError, match="cannot be read"):
         Checkpoint.load(tmp_path)
-    assert not os.path.exists("/tmp/fedcifar-pwned")
+    assert not marker.exists()
+    torch.load(tmp_path / CHECKPOINT, weights_only=False)  # the same file, unpickled unsafely: the command runs
+    assert marker.exists()
+
+
+def test_run_folders_of_the_first_format_still_resume_and_read(tmp_path):
+    """Format 1 (before RUN_FOLDER_FORMAT existed): no format field, rows without newer keys."""
+    rows = [
+        {"round": 0, "central-accuracy": 0.1, "central-loss": 2.3, "eval-accuracy": None, "eval-loss": None,
+         "train-loss": None, "seconds": 3.0},
+        {"round": 1, "central-accuracy": 0.3, "central-loss": 2.0, "eval-accuracy": 0.28, "eval-loss": 2.1,
+         "train-loss": 2.2, "seconds": 4.0},
+    ]  # fmt: skip
+    run_config = RunConfig(dataset="synthetic").to_run_config()
+    weights = new_model(0).state_dict()
+    torch.save(
+        {"round": 1, "weights": weights, "metrics": rows, "best-accuracy": 0.3, "run-config": run_config},
+        tmp_path / CHECKPOINT,
+    )
+    (tmp_path / "metrics.json").write_text(json.dumps(rows))
+    (tmp_path / "status.json").write_text(json.dumps({"status": "completed", "reason": "", "updated": "x"}))
+    checkpoint = Checkpoint.load(tmp_path)
+    assert checkpoint.round == 1 and [row.round for row in checkpoint.rows] == [0, 1]
+    assert checkpoint.rows[1] == RoundRow(1, 0.3, 2.0, 0.28, 2.1, 2.2, 4.0)
+    assert read_rows(tmp_path) == checkpoint.rows
+    checkpoint.check_compatible(RunConfig(dataset="synthetic", num_server_rounds=3))
+    (tmp_path / "next").mkdir()
+    RunRecorder.start(tmp_path / "next", RunConfig(dataset="synthetic", num_server_rounds=3), checkpoint)
+    assert json.loads((tmp_path / "next" / "metrics.json").read_text()) == rows_to_json(checkpoint.rows)
+    assert json.loads((tmp_path / "next" / "status.json").read_text())["format"] == RUN_FOLDER_FORMAT
+
+
+def test_metrics_json_stays_strict_json_when_a_value_is_not_finite(tmp_path):
+    row = RoundRow(round=3, central_accuracy=0.5, central_loss=float("nan"), train_loss=float("inf"))
+    assert row.to_json()["central-loss"] is None and row.to_json()["train-loss"] is None
+    with pytest.raises(ValueError):  # the writer refuses NaN outright rather than writing a non-JSON token
+        atomic_write_json(tmp_path / "x.json", {"loss": float("nan")})
+    assert not (tmp_path / "x.json").exists()

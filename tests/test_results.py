@@ -24,18 +24,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import struct
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import federation_override
+from support.flwr_run import FlwrRun, flwr_environment, small_federation
 
 from fedcifar_app import plots, results
 from fedcifar_app.config import RunConfig
@@ -43,8 +38,6 @@ from fedcifar_app.data import ImageTensors
 from fedcifar_app.metrics import RoundRow, rows_to_json
 from fedcifar_app.model import Net
 
-APP_DIR = Path(__file__).resolve().parents[1]
-BIN_DIR = Path(sys.executable).parent
 NUM_ROUNDS = 4
 KILL_AFTER_ROUND = 2
 RUN_TIMEOUT_S = 300
@@ -61,118 +54,25 @@ BASE_CONFIG = (
 # --------------------------------------------------------------------------- helpers
 
 
-def session_members(session_id: int) -> list[int]:
-    """Pids whose session is ``session_id`` (what `start_new_session` gave `flwr run` and its children)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) "
-        if int(fields[3]) == session_id:  # state ppid pgrp session ...
-            members.append(int(entry.name))
-    return members
+def start_run(workdir: Path, name: str, cache_dir: Path, extra_config: str = "") -> FlwrRun:
+    config = f"{BASE_CONFIG} num-server-rounds={NUM_ROUNDS} {extra_config}".strip()
+    return FlwrRun(
+        workdir / name, config, env=flwr_environment(cache_dir), federation_config=small_federation(3)
+    ).start()
 
 
-def kill_session(process: subprocess.Popen) -> None:
-    """SIGKILL `flwr run`'s process group, then anything of its session that left the group."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while (members := session_members(process.pid)) and time.monotonic() < deadline:
-        for pid in members:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    assert not session_members(process.pid), f"processes of the killed run survive: {session_members(process.pid)}"
+def finished_folder(run: FlwrRun) -> Path:
+    run.wait(RUN_TIMEOUT_S)
+    assert run.folder is not None, f"flwr run made no run folder; log tail:\n{run.log_tail()}"
+    return run.folder
 
 
-class FlwrRun:
-    """One `flwr run .` with its own output-dir; the run folder it creates is the only one there."""
-
-    def __init__(self, root: Path, name: str, cache_dir: Path, extra_config: str = ""):
-        self.output_dir = root / name
-        self.log_path = root / f"{name}.log"
-        self.command = [
-            str(BIN_DIR / "flwr"),
-            "run",
-            ".",
-            "--federation-config",
-            federation_override(num_supernodes=3),
-            "--run-config",
-            f"{BASE_CONFIG} num-server-rounds={NUM_ROUNDS} output-dir='{self.output_dir}' {extra_config}".strip(),
-        ]
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",  # flwr starts `flower-simulation`
-            "FEDCIFAR_CACHE_DIR": str(cache_dir),
-        }
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with self.log_path.open("wb") as log:  # a file, not a pipe: a stray child can never block on it
-            self.process = subprocess.Popen(
-                self.command,
-                cwd=APP_DIR,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def folder(self) -> Path | None:
-        folders = sorted(p for p in self.output_dir.glob("*") if p.is_dir()) if self.output_dir.exists() else []
-        assert len(folders) <= 1, f"one run made several folders: {folders}"
-        return folders[0] if folders else None
-
-    def log_tail(self) -> str:
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-40:])
-
-    def wait(self) -> Path:
-        """Wait for `flwr run` to end (bounded); return the run folder."""
-        assert self.process is not None
-        try:
-            self.process.wait(timeout=RUN_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            kill_session(self.process)
-            pytest.fail(f"flwr run still running after {RUN_TIMEOUT_S}s; log tail:\n{self.log_tail()}")
-        kill_session(self.process)  # exited: end any child it left behind
-        assert self.folder is not None, f"flwr run made no run folder; log tail:\n{self.log_tail()}"
-        return self.folder
-
-    def kill_after_checkpoint(self, round_number: int) -> Path:
-        """Poll checkpoint.pt until it holds ``round_number`` (or later), then SIGKILL the whole group."""
-        assert self.process is not None
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while time.monotonic() < deadline:
-            folder = self.folder
-            if folder is not None and (folder / results.CHECKPOINT).exists():
-                # Written atomically (rename), so a read sees a whole file, never half of one.
-                saved = torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)
-                if saved["round"] >= round_number:
-                    kill_session(self.process)
-                    return folder
-            if self.process.poll() is not None:
-                kill_session(self.process)
-                pytest.fail(f"flwr run ended before round {round_number}'s checkpoint; log tail:\n{self.log_tail()}")
-            time.sleep(0.2)
-        kill_session(self.process)
-        pytest.fail(f"no checkpoint for round {round_number} after {RUN_TIMEOUT_S}s; log tail:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            kill_session(self.process)
+def checkpoint_round(run: FlwrRun) -> int:
+    """The round in the run's checkpoint.pt (written atomically, so a read sees a whole file), or -1."""
+    folder = run.folder
+    if folder is None or not (folder / results.CHECKPOINT).exists():
+        return -1
+    return int(torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)["round"])
 
 
 def read_json(path: Path):
@@ -236,38 +136,38 @@ def cache_dir(workdir) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(workdir, cache_dir) -> Iterator[tuple[Path, FlwrRun]]:
-    run = FlwrRun(workdir, "uninterrupted", cache_dir)
+    run = start_run(workdir, "uninterrupted", cache_dir)
     try:
-        run.start()
-        yield run.wait(), run
+        yield finished_folder(run), run
     finally:
-        run.stop()
+        run.kill()
 
 
 @pytest.fixture(scope="module")
 def killed(workdir, cache_dir) -> Iterator[tuple[Path, FlwrRun]]:
-    run = FlwrRun(workdir, "killed", cache_dir)
+    run = start_run(workdir, "killed", cache_dir)
     try:
-        run.start()
-        yield run.kill_after_checkpoint(KILL_AFTER_ROUND), run
+        run.wait_for(f"round {KILL_AFTER_ROUND}'s checkpoint", lambda: checkpoint_round(run) >= KILL_AFTER_ROUND)
+        run.kill()  # SIGKILL the whole session: nobody gets to say the run ended
+        yield run.folder, run
     finally:
-        run.stop()
+        run.kill()
 
 
 @pytest.fixture(scope="module")
 def resumed(workdir, cache_dir, killed) -> Iterator[tuple[Path, FlwrRun]]:
     killed_folder, _ = killed
-    run = FlwrRun(workdir, "resumed", cache_dir, extra_config=f"resume-from='{killed_folder}'")
+    run = start_run(workdir, "resumed", cache_dir, extra_config=f"resume-from='{killed_folder}'")
     try:
-        run.start()
-        yield run.wait(), run
+        yield finished_folder(run), run
     finally:
-        run.stop()
+        run.kill()
 
 
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_records_every_round(uninterrupted):
     folder, run = uninterrupted
     rows = completed(folder, run)
@@ -283,6 +183,7 @@ def test_uninterrupted_run_records_every_round(uninterrupted):
     assert read_json(folder / results.CONFIG)["num-server-rounds"] == NUM_ROUNDS
 
 
+@pytest.mark.slow
 def test_same_config_gives_the_same_rounds(uninterrupted, killed):
     """Two independent runs of one config agree round by round (the killed run, up to its kill)."""
     reference = by_round(completed(*uninterrupted))
@@ -295,6 +196,7 @@ def test_same_config_gives_the_same_rounds(uninterrupted, killed):
             assert row["train-loss"] == pytest.approx(reference[row["round"]]["train-loss"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_killed_run_leaves_a_loadable_checkpoint(killed):
     folder, _ = killed
     raw = torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)
@@ -311,6 +213,7 @@ def test_killed_run_leaves_a_loadable_checkpoint(killed):
     assert f"process {status.pid}" in status.why and "gone" in status.why, status.why
 
 
+@pytest.mark.slow
 def test_resume_continues_where_the_kill_stopped(uninterrupted, killed, resumed):
     reference = by_round(completed(*uninterrupted))
     killed_folder, _ = killed
@@ -329,6 +232,7 @@ def test_resume_continues_where_the_kill_stopped(uninterrupted, killed, resumed)
     assert results.Checkpoint.load(folder).round == NUM_ROUNDS
 
 
+@pytest.mark.slow
 def test_run_folder_has_plots(uninterrupted, resumed):
     for folder, _ in (uninterrupted, resumed):
         curves_w, curves_h = png_size(folder / plots.CURVES)

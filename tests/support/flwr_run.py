@@ -1,0 +1,188 @@
+"""A real `flwr run .` for tests: its own session, its own output-dir, its log in a file.
+
+flwr 1.25 exits 0 even when the ServerApp fails, so tests judge a run by its folder
+(status.json, metrics.json). A `flwr run` killed alone leaves flower-simulation and Ray
+running, so every run starts a new session and ends with every process of that session gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedcifar_app import app_config
+
+PROJECT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 300.0
+
+
+def small_federation(num_supernodes: int = 3) -> str:
+    """`--federation-config` for the default federation with fewer SuperNodes, every other option kept."""
+    return app_config.federation_override(PROJECT, {"num-supernodes": num_supernodes})
+
+
+def flwr_environment(cache_dir: Path) -> dict[str, str]:
+    """The test's environment, with the venv's Flower commands on PATH and a private decode cache."""
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flwr starts `flower-simulation`
+        "FEDCIFAR_CACHE_DIR": str(cache_dir),
+    }
+
+
+def session_members(session_id: int) -> list[int]:
+    """Pids whose session is ``session_id`` (what `start_new_session` gave `flwr run` and its children)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == session_id:
+            members.append(int(entry.name))
+    return members
+
+
+class FlwrRun:
+    """One `flwr run .` writing into ``output_dir``; the run folder it creates is the only new one there."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        run_config: str,
+        *,
+        env: dict[str, str],
+        federation_config: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        log_path: Path | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.log_path = log_path or self.output_dir.parent / f"{self.output_dir.name}.log"
+        self.command = [str(BIN / "flwr"), "run", ".", *extra_args]
+        self.command += ["--run-config", f"{run_config} output-dir='{self.output_dir}'".strip()]
+        if federation_config:
+            self.command += ["--federation-config", federation_config]
+        self.env = env
+        self.before = set(self.output_dir.iterdir()) if self.output_dir.exists() else set()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> FlwrRun:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:  # a file, not a pipe: a stray child can never block on it
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=PROJECT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.output.splitlines()[-lines:])
+
+    @property
+    def folder(self) -> Path | None:
+        new = sorted(set(self.output_dir.iterdir()) - self.before) if self.output_dir.exists() else []
+        new = [path for path in new if path.is_dir()]
+        assert len(new) <= 1, f"one run made several folders: {new}"
+        return new[0] if new else None
+
+    run_folder = folder  # the name the one-shot tests use
+
+    @property
+    def status(self) -> dict:
+        return json.loads((self.folder / "status.json").read_text())
+
+    @property
+    def metrics(self) -> list[dict]:
+        return json.loads((self.folder / "metrics.json").read_text())
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.returncode
+
+    def wait(self, timeout_s: float = RUN_TIMEOUT_S) -> FlwrRun:
+        """Wait for `flwr run` to end (bounded), then end whatever of its session is left."""
+        assert self.process is not None
+        try:
+            self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"flwr run still running after {timeout_s:.0f}s; log tail:\n{self.log_tail()}")
+        self.kill()
+        return self
+
+    def wait_for(self, what: str, condition, timeout_s: float = RUN_TIMEOUT_S) -> None:
+        """Poll ``condition()`` until true; fail with the log tail if the run ends or time runs out first."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            if self.process.poll() is not None:
+                self.kill()
+                pytest.fail(f"flwr run ended before {what}; log tail:\n{self.log_tail()}")
+            time.sleep(0.2)
+        self.kill()
+        pytest.fail(f"no {what} after {timeout_s:.0f}s; log tail:\n{self.log_tail()}")
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the run's process group, as a terminal's Ctrl-C does."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the process group, then anything of its session that left the group; assert none is left."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while (members := session_members(self.process.pid)) and time.monotonic() < deadline:
+            for pid in members:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        assert not session_members(self.process.pid), (
+            f"processes of the run survive: {session_members(self.process.pid)}"
+        )
+
+
+def run_flwr(
+    output_dir: Path,
+    run_config: str,
+    *,
+    env: dict[str, str],
+    federation_config: str | None = None,
+    timeout: float = 240,
+    extra_args: tuple[str, ...] = (),
+) -> FlwrRun:
+    """Run `flwr run .` to the end and return it (its folder, status, metrics and output)."""
+    return (
+        FlwrRun(output_dir, run_config, env=env, federation_config=federation_config, extra_args=extra_args)
+        .start()
+        .wait(timeout)
+    )

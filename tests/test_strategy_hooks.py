@@ -1,0 +1,163 @@
+"""The hooks every strategy gets, in process: failures named once, replies matched to nodes, divergence stopped."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
+from fedcifar_app.compat import ErrorCode
+from fedcifar_app.errors import RunAborted, TrainingDiverged
+from fedcifar_app.model import new_model
+from fedcifar_app.strategy import (
+    StrategyHooks,
+    check_finite,
+    failed_nodes,
+    replies_by_node,
+    short_reason,
+    with_app_hooks,
+)
+
+SUPERLINK_NODE_ID = 1  # the SuperLink answers for a dead SuperNode under its own id
+
+# What a ClientApp exception looks like when it reaches the ServerApp (flwr 1.25's vce_api / run_clientapp).
+CLIENT_APP_EXCEPTION = (
+    "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
+    "Message: data-path='/d' holds no images'>"
+)
+
+
+def sent_to(*node_ids: int) -> list[Message]:
+    messages = []
+    for node_id in node_ids:
+        message = Message(RecordDict(), dst_node_id=node_id, message_type="train")
+        message.metadata.__dict__["_message_id"] = f"message-to-{node_id}"  # as Flower's grids do when they push
+        messages.append(message)
+    return messages
+
+
+def ok_reply(message: Message, **metrics: float) -> Message:
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 10, **metrics})}), reply_to=message)
+
+
+def error_reply(message: Message, reason: str, src: int | None = None) -> Message:
+    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+    if src is not None:
+        reply.metadata.__dict__["_src_node_id"] = src
+    return reply
+
+
+def test_short_reason_keeps_the_clientapp_message_of_flowers_traceback():
+    assert short_reason(CLIENT_APP_EXCEPTION) == "data-path='/d' holds no images"
+    assert short_reason("<class 'ZeroDivisionError'>:<'division by zero'>") == "ZeroDivisionError: division by zero"
+    assert short_reason("plain one-liner\n") == "plain one-liner"  # this app's own error replies
+    assert short_reason("") == "unknown error"
+
+
+def test_a_reply_from_the_superlink_is_matched_to_the_node_it_answers_for():
+    sent = sent_to(5, 6, 7)
+    replies = [ok_reply(sent[0]), error_reply(sent[1], "NODE_UNAVAILABLE", src=SUPERLINK_NODE_ID)]
+    by_node = replies_by_node(sent, replies)
+    assert set(by_node) == {5, 6}  # not 1: the SuperLink's own id never stands for a node
+    assert by_node[6].has_error()
+    failures = failed_nodes(sent, replies, round_timeout=30)
+    assert failures == {6: "NODE_UNAVAILABLE", 7: "no reply within round-timeout=30s"}
+
+
+class Recorder:
+    """The recorder side of the hooks, kept in memory."""
+
+    def __init__(self, offset: int = 0) -> None:
+        self.offset, self.began, self.metrics = offset, 0, {}
+
+    def global_round(self, local_round: int) -> int:
+        return local_round + self.offset
+
+    def begin_round(self) -> None:
+        self.began += 1
+
+    def add_client_metrics(self, metrics) -> None:
+        self.metrics.update(metrics)
+
+
+def hooked_fedavg(recorder: Recorder, min_train_nodes: int = 2) -> FedAvg:
+    hooks = StrategyHooks(
+        recorder=recorder,
+        needed_nodes=3,
+        min_train_nodes=min_train_nodes,
+        node_wait_timeout=1,
+        round_timeout=30,
+        simulation=True,
+        node_names={5: "partition 0/3", 6: "partition 1/3", 7: "partition 2/3"},
+    )
+    return with_app_hooks(FedAvg)(app_hooks=hooks, min_train_nodes=min_train_nodes, min_available_nodes=3)
+
+
+def trained_reply(message: Message, weights, loss: float) -> Message:
+    content = RecordDict(
+        {"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 10, "train-loss": loss})}
+    )
+    return Message(content, reply_to=message)
+
+
+def test_failing_nodes_are_named_once_per_round_and_results_still_aggregate(caplog):
+    recorder = Recorder(offset=4)  # a resumed run: Flower's round 1 is the run's round 5
+    strategy = hooked_fedavg(recorder)
+    weights = new_model(0).state_dict()
+    sent = sent_to(5, 6, 7)
+    strategy.app_hooks.sent = sent
+    replies = [trained_reply(sent[0], weights, 1.0), trained_reply(sent[1], weights, 3.0), error_reply(sent[2], "x")]
+    with caplog.at_level(logging.WARNING, logger="flwr.fedcifar_app"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        strategy.app_hooks.report_failures(5, "train", replies)  # the same failure again: not repeated
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == ["round 5 train: node partition 2/3 failed: x"]
+    assert metrics["train-loss"] == pytest.approx(2.0) and recorder.metrics["train-loss"] == pytest.approx(2.0)
+    assert arrays is not None
+
+
+def test_too_few_training_results_abort_the_round_with_the_fix():
+    strategy = hooked_fedavg(Recorder(), min_train_nodes=3)
+    sent = sent_to(5, 6, 7)
+    strategy.app_hooks.sent = sent
+    weights = new_model(0).state_dict()
+    replies = [trained_reply(sent[0], weights, 1.0), trained_reply(sent[1], weights, 1.0), error_reply(sent[2], "x")]
+    with pytest.raises(
+        RunAborted, match=r"round 1: 2 node\(s\) returned training results, fewer than min-train-nodes=3"
+    ):
+        strategy.aggregate_train(1, replies)
+
+
+def test_nan_weights_or_loss_stop_the_round_before_anything_is_recorded():
+    recorder = Recorder()
+    strategy = hooked_fedavg(recorder)
+    sent = sent_to(5, 6)
+    strategy.app_hooks.sent = sent
+    weights = new_model(0).state_dict()
+    broken = {key: torch.full_like(value, math.nan) for key, value in weights.items()}
+    replies = [trained_reply(sent[0], weights, 1.0), trained_reply(sent[1], broken, math.nan)]
+    with pytest.raises(TrainingDiverged, match=r"round 1: training diverged \(train-loss nan, aggregated weights"):
+        strategy.aggregate_train(1, replies)
+    assert recorder.metrics == {}
+    check_finite(1, ArrayRecord(weights), MetricRecord({"train-loss": 1.0}))  # finite: no error
+    with pytest.raises(TrainingDiverged, match="train-loss inf"):
+        check_finite(2, ArrayRecord(weights), MetricRecord({"train-loss": math.inf}))
+
+
+def test_configure_train_begins_the_round_and_sends_the_global_round_number():
+    class Grid:
+        def get_node_ids(self):
+            return [5, 6, 7]
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    recorder = Recorder(offset=2)
+    strategy = hooked_fedavg(recorder)
+    messages = list(strategy.configure_train(1, ArrayRecord(new_model(0).state_dict()), ConfigRecord({}), Grid()))
+    assert recorder.began == 1 and strategy.app_hooks.sent == messages
+    assert {int(m.content["config"]["server-round"]) for m in messages} == {3}  # seeds follow the run's round
