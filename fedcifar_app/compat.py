@@ -7,6 +7,8 @@ else in the package imports from ``flwr.server``, ``flwr.simulation`` or ``flwr.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 try:  # flwr <= 1.25
@@ -32,7 +34,63 @@ try:
 except ImportError:  # pragma: no cover
     _flatten_dict = None
 
-__all__ = ["ErrorCode", "MessageType", "flatten_dict", "is_simulation"]
+try:  # flwr <= 1.25
+    from flwr.common.exit import add_exit_handler as _add_exit_handler
+except ImportError:  # flwr >= 1.26 (1.42: flwr.supercore.exit)
+    try:
+        from flwr.supercore.exit import add_exit_handler as _add_exit_handler
+    except ImportError:  # pragma: no cover
+        _add_exit_handler = None
+
+try:  # flwr <= 1.25
+    from flwr.common.typing import RunNotRunningException
+except ImportError:  # flwr >= 1.26 (1.42: flwr.supercore.run)
+    try:
+        from flwr.supercore.run import RunNotRunningException  # type: ignore[no-redef]
+    except ImportError:  # pragma: no cover - a Flower that never raises it
+
+        class RunNotRunningException(BaseException):  # type: ignore[no-redef]
+            """Stand-in: never raised."""
+
+
+__all__ = [
+    "ErrorCode",
+    "MessageType",
+    "RunNotRunningException",
+    "add_exit_handler",
+    "flatten_dict",
+    "is_simulation",
+    "simulation_engine_stop_event",
+]
+
+
+def add_exit_handler(handler: Callable[[], None]) -> bool:
+    """Have Flower call ``handler`` when its own signal handler ends the process (flwr-serverapp, and
+    flwr-simulation from 1.27 on): SIGINT/SIGTERM, or a heartbeat the SuperLink refused after ``flwr stop``.
+    Handlers run last-registered first, before Flower's own clean-up. False where Flower has no such hook."""
+    if _add_exit_handler is None:  # pragma: no cover
+        return False
+    _add_exit_handler(handler)
+    return True
+
+
+def simulation_engine_stop_event() -> threading.Event | None:
+    """The stop event of Flower 1.25's ``flower-simulation`` engine, seen from the ServerApp thread.
+
+    ``flower-simulation`` registers no exit handlers: Ctrl-C or SIGTERM raise in its main thread,
+    which sets this event (the engine's workers stop) and then waits for the ServerApp thread.
+    The event is handed to the ServerApp thread's target (``run_serverapp_th``'s ``f_stop``), so
+    it is found among that thread's arguments. None elsewhere (deployment, Flower >= 1.27, a thread
+    started another way): there ``add_exit_handler`` delivers the stop instead.
+    """
+    thread = threading.current_thread()
+    if thread is threading.main_thread():
+        return None
+    target = getattr(thread, "_target", None)
+    if getattr(target, "__name__", "") != "server_th_with_start_checks":
+        return None
+    found = [arg for arg in getattr(thread, "_args", ()) if isinstance(arg, threading.Event)]
+    return found[0] if found else None  # f_stop comes before has_exception
 
 
 def is_simulation(grid: Any) -> bool:

@@ -10,3 +10,8 @@ class RunAborted(RuntimeError):
 
 class TrainingDiverged(RunAborted):
     """A loss or weight became NaN/inf: the round is not recorded and the last finite checkpoint stays."""
+
+
+class RunStopped(Exception):
+    """Someone stopped the run (Ctrl-C, SIGTERM, `flwr stop`); the message says who. Not a failure:
+    status "stopped" was recorded when the stop came, and the last finished round can be resumed."""

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,13 +29,15 @@ from .files import atomic_write_bytes, atomic_write_json
 from .metrics import EPSILON, EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundRow, rows_to_json
 from .model import Net
 from .plots import CURVES, write_curves
+from .run_status import STATUS, RunStatus, read_status, stale_after, this_process, timestamp
+
+__all__ = ["Checkpoint", "RunRecorder", "RunStatus", "read_status", "write_status"]
 
 logger = logging.getLogger("flwr.fedcifar_app")  # the app's log lines, shown even when Flower's are quiet
 
 RUN_FOLDER_FORMAT = 2  # 2: format field, strict JSON metrics; 1: the first release
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
-STATUS = "status.json"
 CONFIG = "config.json"
 FINAL_MODEL = "final_model.pt"
 BEST_MODEL = "best_model.pt"
@@ -71,12 +74,14 @@ def create_run_folder(output_dir: Path) -> Path:
 
 
 def write_status(folder: Path, status: str, reason: str = "", **extra: Any) -> None:
-    """status.json: "running", "completed" or "failed" with the reason; scripts judge a run by it."""
+    """status.json: "running", "completed", "failed" or "stopped" with the reason; scripts judge a run
+    by it (``read_status``). The writing process is recorded so a reader can tell a dead "running"."""
     payload = {
         "status": status,
         "reason": reason,
-        "updated": datetime.now().isoformat(timespec="seconds"),
+        "updated": timestamp(),
         "format": RUN_FOLDER_FORMAT,
+        **this_process(),
     }
     payload.update(extra)
     atomic_write_json(folder / STATUS, payload)
@@ -193,11 +198,20 @@ class RunRecorder:
     round_started: float = field(default_factory=time.monotonic)
     # The strategy's state at the end of a round, saved in each checkpoint (see strategies.server_state).
     server_state: Callable[[], dict[str, Any]] = dict
+    stale_after_s: float | None = None  # recorded in status.json: when a silent "running" is interrupted
+    status: str = ""
+    checkpointed_round: int = -1  # what a resume continues from; -1 before round 0's checkpoint
+    # The stop watcher thread and Flower's signal handler (which may interrupt a write) write status too.
+    status_lock: Any = field(default_factory=threading.RLock)
 
     @classmethod
     def start(cls, folder: Path, config: RunConfig, resumed: Checkpoint | None) -> RunRecorder:
         run_config = config.to_run_config()
-        recorder = cls(folder=folder, run_config=run_config)
+        recorder = cls(
+            folder=folder,
+            run_config=run_config,
+            stale_after_s=stale_after(config.node_wait_timeout, config.round_timeout),
+        )
         atomic_write_json(folder / CONFIG, run_config)
         if resumed is not None:
             recorder.rows = [row for row in resumed.rows if row.round <= resumed.round]
@@ -210,12 +224,31 @@ class RunRecorder:
     def global_round(self, local_round: int) -> int:
         return local_round + self.round_offset
 
+    @property
+    def last_round(self) -> int:
+        """The last round whose checkpoint is written (a stop may come between a round's row and its
+        checkpoint); -1 before round 0."""
+        return self.checkpointed_round
+
     def set_status(self, status: str, reason: str = "", **extra: Any) -> None:
-        write_status(self.folder, status, reason, **extra)
+        """Write status.json; once a run is stopped, only a later "stopped" (a newer round) replaces it."""
+        with self.status_lock:
+            if self.status == "stopped" and status != "stopped":
+                return
+            if self.stale_after_s is not None:
+                extra.setdefault("stale-after-s", self.stale_after_s)
+            write_status(self.folder, status, reason, **extra)
+            self.status = status
+
+    def refresh_status(self) -> None:
+        """A live run's heartbeat: "running" with a new update time (see run_status for the rule)."""
+        if self.status == "running":
+            self.set_status("running", rounds=self.last_round)
 
     def begin_round(self) -> None:
         self.round_started = time.monotonic()
         self.pending = {}
+        self.refresh_status()
 
     def add_client_metrics(self, metrics: Mapping[str, float]) -> None:
         """Aggregated client metrics of the round in progress (train or evaluate)."""
@@ -253,6 +286,7 @@ class RunRecorder:
             round_number, weights, self.rows, self.best_accuracy, self.run_config, self.server_state()
         )
         atomic_torch_save(self.folder / CHECKPOINT, checkpoint.to_dict())
+        self.checkpointed_round = round_number
         self.write_curves()
         self.begin_round()
         return row

@@ -15,14 +15,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from . import training
 from .board import ScalarBoard
-from .compat import MessageType, is_simulation
+from .compat import MessageType, RunNotRunningException, is_simulation
 from .config import ConfigError, NodeData, RunConfig
 from .data import DataError, check_dataset, class_names, load_node_data, load_split
-from .errors import RunAborted, TrainingDiverged
+from .errors import RunAborted, RunStopped, TrainingDiverged
 from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, format_row, summary_table
 from .model import Net, new_model
-from .results import Checkpoint, RunRecorder, create_run_folder, write_status
+from .results import Checkpoint, RunRecorder, create_run_folder, read_status, write_status
+from .runlog import run_log
 from .seeds import derive_seed
+from .stopping import BY_FLWR_STOP, RunStop, resume_command
 from .strategies import build_strategy, server_state
 from .strategy import StrategyHooks, replies_by_node, short_reason, wait_for_nodes
 
@@ -34,30 +36,42 @@ USER_ERRORS = (ConfigError, DataError, RunAborted)
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run the federation; a user error ends it with one ERROR line and a failed status, no traceback."""
-    with flower_logs(verbose=context.run_config.get("verbose") is True):
+    """Run the federation; a user error ends it with one ERROR line and a failed status, no traceback;
+    a stop (Ctrl-C, SIGTERM, `flwr stop`) with status "stopped", recorded when it came (see stopping)."""
+    with flower_logs(verbose=context.run_config.get("verbose") is True), contextlib.ExitStack() as logs:
         folder = None
+        stop = RunStop()
         try:
             output_dir = Path(str(context.run_config.get("output-dir", "outputs"))).expanduser().resolve()
             folder = create_run_folder(output_dir)
-            run_federation(grid, context, folder)
+            logs.enter_context(run_log(folder))
+            run_federation(grid, context, folder, stop)
+        except RunStopped:
+            pass  # status and the resume line were written when the stop came
+        except RunNotRunningException:
+            stop.request(BY_FLWR_STOP)
+            raise  # Flower's flwr-serverapp ends a stopped run on this
         except USER_ERRORS as err:
             message = str(err)
             if isinstance(err, TrainingDiverged):
                 message += diverged_advice(context, folder)
             logger.error("%s", message)
-            if folder is not None:
+            if folder is not None and not stop.requested:
                 write_status(folder, "failed", message)
                 logger.info("Run folder (status: failed): %s", folder)
         except BaseException as err:
-            if folder is not None:
+            if folder is not None and not stop.requested:  # after a stop, Flower exits by raising
                 write_status(folder, "failed", f"{type(err).__name__}: {err}")
             raise
+        finally:
+            stop.close()
 
 
-def run_federation(grid: Grid, context: Context, folder: Path) -> None:
+def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) -> None:
     config = RunConfig.from_run_config(context.run_config)
     simulation = is_simulation(grid)
+    stop.on_stop = lambda who: record_stop(None, config, folder, who, simulation=simulation)
+    grid = stop.listen(grid)  # from here a stop is recorded (loading the data can take minutes)
     device = training.pick_device(config.device)
     logger.info("fedcifar_app run folder: %s", folder)
     logger.info(
@@ -72,12 +86,13 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
 
     check_dataset(config.dataset)
     test_data = load_split(config.dataset, "test")
-    resumed = None
-    if config.resume_from:
-        resumed = Checkpoint.load(Path(config.resume_from).expanduser().resolve())
-        resumed.check_compatible(config)
-        logger.info("Resuming %s after round %d", config.resume_from, resumed.round)
+    resumed = load_resumed(config)
+    stop.check()  # a stop while loading was recorded; "running" must not replace it
     recorder = RunRecorder.start(folder, config, resumed)
+    stop.on_stop = lambda who: record_stop(recorder, config, folder, who, simulation=simulation)
+    if stop.requested:  # it came while the recorder started and wrote "running": put "stopped" back
+        recorder.set_status("stopped", f"{stop.who} before this run checkpointed a round")
+        stop.check()
 
     needed = max(config.min_available_nodes, config.min_train_nodes, config.min_evaluate_nodes)
     node_ids = wait_for_nodes(grid, needed, config.node_wait_timeout, simulation=simulation)
@@ -94,6 +109,7 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
         round_timeout=config.round_timeout,
         simulation=simulation,
         node_names=node_names,
+        at_round_boundary=stop.at_round_boundary,
     )
     strategy = build_strategy(config, hooks, len(node_ids), resumed.server_state if resumed else None)
     recorder.server_state = lambda: server_state(strategy)
@@ -127,6 +143,50 @@ def run_federation(grid: Grid, context: Context, folder: Path) -> None:
     recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
     logger.info("Results per round:\n%s", summary_table(recorder.rows))
     logger.info("Run folder (status: completed): %s", folder)
+
+
+def load_resumed(config: RunConfig) -> Checkpoint | None:
+    """The checkpoint to continue from; a run that still runs is refused (two runs would share it)."""
+    if not config.resume_from:
+        return None
+    source = Path(config.resume_from).expanduser().resolve()
+    resumed = Checkpoint.load(source)
+    try:
+        previous = read_status(source)
+    except ValueError as err:
+        raise ConfigError(f"run-config resume-from={str(source)!r}: {err}") from None
+    if previous.state == "running":
+        raise ConfigError(
+            f"run-config resume-from={str(source)!r} is still running (pid {previous.pid} on {previous.host}, "
+            f"updated {previous.updated}): stop it first (Ctrl-C, or flwr stop <run-id>), then resume"
+        )
+    resumed.check_compatible(config)
+    detail = previous.why or previous.reason
+    logger.info(
+        "Resuming %s after round %d (it was %s%s)",
+        source,
+        resumed.round,
+        previous.state,
+        f": {detail}" if detail else "",
+    )
+    return resumed
+
+
+def record_stop(recorder: RunRecorder | None, config: RunConfig, folder: Path, who: str, *, simulation: bool) -> None:
+    """Status "stopped" with who and after which round, and ONE line with the command that resumes."""
+    last = recorder.last_round if recorder is not None else -1
+    if last >= 0:
+        reason, source = f"{who} after round {last} of {config.num_server_rounds}", folder
+    else:  # nothing checkpointed here: continue from where this run started, if it was a resume
+        reason, source = f"{who} before this run checkpointed a round", Path(config.resume_from or folder)
+    if recorder is not None:
+        recorder.set_status("stopped", reason, rounds=last if last >= 0 else None)
+    else:
+        write_status(folder, "stopped", reason, rounds=None)
+    if last >= 0 or config.resume_from:
+        logger.warning("Run %s; resume with: %s", reason, resume_command(config, source, simulation=simulation))
+    else:
+        logger.warning("Run %s; no round was checkpointed, so start it again rather than resume", reason)
 
 
 def diverged_advice(context: Context, folder: Path | None) -> str:

@@ -12,7 +12,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -131,6 +131,7 @@ class StrategyHooks:
     round_timeout: float
     simulation: bool
     node_names: Mapping[int, str] = field(default_factory=dict)
+    at_round_boundary: Callable[[], None] = lambda: None  # raises RunStopped once the run is stopped
     sent: list[Message] = field(default_factory=list)  # this stage's messages, to tell whose reply is missing
     reported: set[tuple[int, int]] = field(default_factory=set)  # (round, node): each failure named once
 
@@ -168,6 +169,7 @@ class AppHooks:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         hooks = self.app_hooks
+        hooks.at_round_boundary()
         hooks.recorder.begin_round()
         wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
         round_number = hooks.recorder.global_round(server_round)

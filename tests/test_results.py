@@ -204,9 +204,13 @@ def test_killed_run_leaves_a_loadable_checkpoint(killed):
     assert checkpoint.round == raw["round"] >= KILL_AFTER_ROUND
     assert [row.round for row in checkpoint.rows] == list(range(checkpoint.round + 1))
     Net().load_state_dict(checkpoint.weights)
-    # Nobody got to say it ended: the status stays "running" and there is no final model.
+    # Nobody got to say it ended: the status stays "running" and there is no final model...
     assert read_json(folder / results.STATUS)["status"] == "running"
     assert not (folder / results.FINAL_MODEL).exists()
+    # ...but a reader sees that the process that wrote it is gone.
+    status = results.read_status(folder)
+    assert status.state == "interrupted", status
+    assert f"process {status.pid}" in status.why and "gone" in status.why, status.why
 
 
 @pytest.mark.slow

@@ -1,0 +1,207 @@
+"""Stopping a run cleanly: who asked, recording it at once, and ending the run without waiting for the round.
+
+Where a stop comes from, per Flower runtime (1.25; see compat for the hooks):
+
+- ``flwr run .`` in simulation (``flower-simulation``): Ctrl-C or SIGTERM raise in its main thread,
+  which sets the engine's stop event; a watcher thread here sees it. Ctrl-C also makes the ``flwr``
+  CLI SIGKILL ``flower-simulation`` 0.25 s later (Python's ``subprocess.run``), so the stop is
+  recorded the moment it is seen, the round in progress is abandoned, and the engine's processes
+  (Ray) are ended here, since nothing else will end them. A signal to the ``flwr`` process alone
+  leaves ``flower-simulation`` running without a parent: that is watched for too.
+- deployment (``flwr-serverapp``) and Flower >= 1.27: Flower's own signal handler (SIGINT, SIGTERM,
+  or a heartbeat the SuperLink refused after ``flwr stop``) calls our exit handler, then exits.
+- ``flwr stop`` in deployment: the next grid call raises ``RunNotRunningException``.
+
+The first request wins; the last finished round's checkpoint is what a resume continues from.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from . import compat
+from .app_config import format_overrides
+from .config import RunConfig
+from .errors import RunStopped
+from .run_status import PROC, process_start
+
+logger = logging.getLogger("flwr.fedcifar_app")
+
+BY_SIGNAL_SIMULATION = "stopped by Ctrl-C or SIGTERM (the simulation engine shut down)"
+BY_CLI_GONE = "stopped: `flwr run` ended under the simulation (SIGTERM or kill to the flwr process alone)"
+BY_FLOWER_EXIT = "stopped: Flower ended the ServerApp process (`flwr stop`, or SIGINT/SIGTERM to it)"
+BY_FLWR_STOP = "stopped by `flwr stop` (the SuperLink no longer runs this run)"
+ALWAYS_IN_RESUME = ("num-server-rounds", "output-dir")
+
+
+@dataclass
+class RunStop:
+    """One run's stop request. ``request`` records it at once through ``on_stop(who)``; the strategy
+    and the grid call ``check`` and raise ``RunStopped``. After ``close`` (the run ended on its own)
+    a late request changes nothing."""
+
+    on_stop: Callable[[str], None] = lambda who: None
+    event: threading.Event = field(default_factory=threading.Event)
+    who: str = ""
+    closed: bool = False
+    lock: Any = field(default_factory=threading.RLock)  # re-entrant: Flower's signal handler may interrupt a holder
+    engine_processes: list[tuple[int, int]] = field(default_factory=list)  # (pid, start) to end in simulation
+
+    @property
+    def requested(self) -> bool:
+        return self.event.is_set()
+
+    def request(self, who: str) -> None:
+        with self.lock:
+            if self.closed or self.event.is_set():
+                return
+            self.who = who
+            self.event.set()
+        try:
+            self.on_stop(who)
+        except Exception as err:  # recording must not hide the stop itself
+            logger.warning("could not record the stop (%s: %s)", type(err).__name__, err)
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise RunStopped(self.who)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+    def listen(self, grid: Grid) -> Grid:
+        """Hear stops from Flower (exit handler; in simulation the engine's stop event); return the grid
+        to run the strategy on (in simulation one whose waits end when the run is stopped)."""
+        compat.add_exit_handler(lambda: self.request(BY_FLOWER_EXIT))
+        engine_stop = compat.simulation_engine_stop_event()
+        if engine_stop is None:
+            return grid
+        self.engine_processes = descendants(os.getpid())
+        threading.Thread(target=self._watch_engine, args=(engine_stop,), name="fedcifar-stop", daemon=True).start()
+        threading.Thread(target=self._watch_parent, args=(os.getppid(),), name="fedcifar-parent", daemon=True).start()
+        return StoppableGrid(grid, self)
+
+    def at_round_boundary(self) -> None:
+        """Between rounds: stop here if asked; note the engine's processes (Ray starts workers lazily)."""
+        self.check()
+        if self.engine_processes:
+            self.engine_processes = descendants(os.getpid())
+
+    def _watch_engine(self, engine_stop: threading.Event) -> None:
+        engine_stop.wait()
+        with self.lock:
+            if self.closed:  # the engine stops after every run; only a stop mid-run counts
+                return
+        self.request(BY_SIGNAL_SIMULATION)
+        end_processes(self.engine_processes + descendants(os.getpid()))
+
+    def _watch_parent(self, parent: int, poll_s: float = 0.5) -> None:
+        """``flower-simulation`` whose ``flwr run`` died (its parent changed) stops the run."""
+        while not self.closed and not self.event.is_set():
+            if os.getppid() != parent:
+                self.request(BY_CLI_GONE)
+                end_processes(self.engine_processes + descendants(os.getpid()))
+                return
+            time.sleep(poll_s)
+
+
+def resume_command(config: RunConfig, folder: Path, *, simulation: bool) -> str:
+    """The `flwr run` line that continues this run: every key that differs from the defaults, the
+    round count and output folder, and resume-from."""
+    current = config.to_run_config()
+    defaults = RunConfig().to_run_config()
+    keep = {key: value for key, value in current.items() if key in ALWAYS_IN_RESUME or value != defaults.get(key)}
+    keep["output-dir"] = str(Path(folder).parent)
+    keep["resume-from"] = str(folder)
+    federation = "" if simulation else " <federation>"
+    return f'flwr run .{federation} --run-config "{format_overrides(keep)}"'
+
+
+class StoppableGrid(Grid):
+    """The simulation grid, with waits that end as soon as the run is stopped: the round in progress
+    is abandoned (its replies are dropped) instead of waited for until round-timeout."""
+
+    def __init__(self, grid: Grid, stop: RunStop, poll_s: float = 0.1) -> None:
+        self._grid, self._stop, self._poll_s = grid, stop, poll_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def set_run(self, *args: Any, **kwargs: Any) -> None:
+        self._grid.set_run(*args, **kwargs)
+
+    @property
+    def run(self) -> Any:
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self._stop.check()
+        waiting = set(self._grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while True:
+            self._stop.check()
+            pulled = list(self._grid.pull_messages(waiting))
+            replies.extend(pulled)
+            waiting.difference_update(message.metadata.reply_to_message_id for message in pulled)
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                return replies
+            self._stop.event.wait(self._poll_s)
+
+
+def descendants(root: int) -> list[tuple[int, int]]:
+    """(pid, start time) of every process below ``root`` (Linux ``/proc``; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [entry for entry in PROC.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rfind(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        start = process_start(pid)
+        if start is not None:
+            found.append((pid, start))
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def end_processes(processes: Iterable[tuple[int, int]]) -> None:
+    """SIGKILL each process that still is the one noted (same pid and start time, so no reused pid)."""
+    for pid, start in dict.fromkeys(processes):
+        if pid != os.getpid() and process_start(pid) == start:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
