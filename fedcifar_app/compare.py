@@ -23,7 +23,7 @@ from typing import Any
 from .config import ConfigError, RunConfig
 from .files import atomic_write_text
 from .metrics import RoundRow
-from .results import CONFIG, METRICS, read_rows
+from .results import CONFIG, METRICS, read_rows, read_status
 
 COMPARISON_PNG = "comparison.png"
 COMPARISON_MD = "comparison.md"
@@ -37,6 +37,7 @@ class RunSummary:
     folder: Path
     config: dict[str, Any]
     rows: list[RoundRow]
+    status: str = "-"  # read_status's state: a "running" whose process died reads "interrupted"
 
     @property
     def accuracies(self) -> list[tuple[int, float]]:
@@ -81,8 +82,12 @@ def load_run(folder: Path) -> RunSummary:
         raise ConfigError(f"{err}; leave {folder} out of the comparison") from None
     if not any(row.central_accuracy is not None for row in rows):
         raise ConfigError(f"{folder} has no recorded rounds yet: compare it once round 0 is in {METRICS}")
+    try:
+        status = read_status(folder).state
+    except ValueError:  # a damaged status.json does not stop a comparison of the metrics
+        status = "unknown"
     defaults = RunConfig().to_run_config()
-    return RunSummary(folder, {**defaults, **config}, rows)
+    return RunSummary(folder, {**defaults, **config}, rows, status)
 
 
 def differing_keys(runs: Sequence[RunSummary]) -> list[str]:
@@ -106,13 +111,13 @@ def _number(value: float | None, spec: str = ".4f") -> str:
 
 def runs_table(runs: Sequence[RunSummary], keys: Sequence[str]) -> str:
     lines = [
-        "| run | folder | final accuracy | best accuracy | round of best | wall time (s) | epsilon |",
-        "|---|---|---|---|---|---|---|",
+        "| run | folder | status | final accuracy | best accuracy | round of best | wall time (s) | epsilon |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         best = run.best
         lines.append(
-            f"| {label(run, keys)} | {run.folder.name} | {_number(run.final_accuracy)} | "
+            f"| {label(run, keys)} | {run.folder.name} | {run.status} | {_number(run.final_accuracy)} | "
             f"{_number(best[1] if best else None)} | {best[0] if best else '-'} | {run.wall_seconds:.1f} | "
             f"{_number(run.epsilon, '.2f')} |"
         )

@@ -15,9 +15,13 @@ from fedcifar_app.metrics import RoundRow, rows_to_json
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1: the first two groups
 
 
-def write_run(folder: Path, config: dict, accuracies: list[float], epsilons: list | None = None) -> Path:
+def write_run(
+    folder: Path, config: dict, accuracies: list[float], epsilons: list | None = None, status: dict | None = None
+) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))
+    status = status or {"status": "completed", "reason": "", "updated": "2026-01-01T12:00:00"}
+    (folder / "status.json").write_text(json.dumps(status))
     rows = [
         RoundRow(
             round=i,
@@ -49,7 +53,20 @@ def three_runs(tmp_path) -> list[Path]:
     old = {"num-server-rounds": 3, "seed": 1, "dataset": "synthetic", "output-dir": "a"}  # format 1: no strategy keys
     return [
         write_run(tmp_path / "r1", old, [0.1, 0.4, 0.6, 0.5]),
-        write_run(tmp_path / "r2", {**old, "seed": 2, "strategy": "fedavg", "output-dir": "b"}, [0.1, 0.3, 0.5, 0.7]),
+        write_run(
+            tmp_path / "r2",
+            {**old, "seed": 2, "strategy": "fedavg", "output-dir": "b"},
+            [0.1, 0.3, 0.5, 0.7],
+            # Its process died without a word on another machine, long ago: the table says interrupted.
+            status={
+                "status": "running",
+                "reason": "",
+                "updated": "2026-01-01T12:00:00+00:00",
+                "host": "elsewhere",
+                "pid": 4242,
+                "stale-after-s": 1500,
+            },
+        ),
         write_run(
             tmp_path / "r3",
             {**old, "strategy": "fedprox", "proximal-mu": 0.1, "dp": "central"},
@@ -65,9 +82,10 @@ def test_table_plot_and_groups(tmp_path, three_runs, monkeypatch, capsys):
     markdown = (tmp_path / "comparison.md").read_text()
     assert capsys.readouterr().out.startswith(markdown)
     assert "Labels: the run-config keys that differ between the runs (strategy, seed, proximal-mu, dp)" in markdown
-    assert "| strategy=fedavg seed=1 | r1 | 0.5000 | 0.6000 | 2 | 40.0 | - |" in markdown
-    assert "| strategy=fedavg seed=2 | r2 | 0.7000 | 0.7000 | 3 | 40.0 | - |" in markdown
-    assert "| strategy=fedprox seed=1 proximal-mu=0.1 dp=central | r3 | 0.3000 | 0.3000 | 3 | 40.0 | 3.12 |" in markdown
+    assert "| strategy=fedavg seed=1 | r1 | completed | 0.5000 | 0.6000 | 2 | 40.0 | - |" in markdown
+    assert "| strategy=fedavg seed=2 | r2 | interrupted | 0.7000 | 0.7000 | 3 | 40.0 | - |" in markdown
+    row = "| strategy=fedprox seed=1 proximal-mu=0.1 dp=central | r3 | completed | 0.3000 | 0.3000 | 3 | 40.0 | 3.12 |"
+    assert row in markdown
     assert "| strategy=fedavg | 2 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 40.0 | - |" in markdown
     assert "| strategy=fedprox proximal-mu=0.1 dp=central | 1 | 0.3000 ± 0.0000 |" in markdown
 
