@@ -19,6 +19,7 @@ from fedcifar_app.strategy import (
     failed_nodes,
     replies_by_node,
     short_reason,
+    wait_for_nodes,
     with_app_hooks,
 )
 
@@ -161,3 +162,19 @@ def test_configure_train_begins_the_round_and_sends_the_global_round_number():
     messages = list(strategy.configure_train(1, ArrayRecord(new_model(0).state_dict()), ConfigRecord({}), Grid()))
     assert recorder.began == 1 and strategy.app_hooks.sent == messages
     assert {int(m.content["config"]["server-round"]) for m in messages} == {3}  # seeds follow the run's round
+
+
+def test_simulation_waits_for_flowers_late_node_registration_but_not_for_a_real_shortfall():
+    class LateGrid:
+        """Flower's simulation registers its nodes a moment after the ServerApp thread starts."""
+
+        def __init__(self, count: int, empty_polls: int) -> None:
+            self.count, self.empty_polls = count, empty_polls
+
+        def get_node_ids(self):
+            self.empty_polls -= 1
+            return [] if self.empty_polls >= 0 else list(range(1, self.count + 1))
+
+    assert wait_for_nodes(LateGrid(3, empty_polls=3), 3, timeout=60, simulation=True) == [1, 2, 3]
+    with pytest.raises(RunAborted, match="the simulated federation has 2 SuperNodes but the run config needs 3"):
+        wait_for_nodes(LateGrid(2, empty_polls=3), 3, timeout=60, simulation=True)
