@@ -26,6 +26,8 @@ from .orchestration import (
     describe,
     suggested_run_command,
 )
+from .preflight import check_superlink
+from .roles import SuperNodeOptions, make_node_key, register_key, start_supernode
 
 
 def _superlink_ports(text: str) -> SuperLinkPorts:
@@ -76,6 +78,71 @@ def command_status(args: argparse.Namespace) -> int:
     text, all_running = deployment_status(Path(args.dir))
     print(text)
     return 0 if all_running else 1
+
+
+def command_superlink(args: argparse.Namespace) -> int:
+    """`superlink`: this machine's SuperLink for SuperNodes on other machines (TLS, auth, public names)."""
+    options = UpOptions(
+        directory=Path(args.dir),
+        nodes=0,
+        tls=True,
+        auth=not args.no_auth,
+        superlink_ports=args.superlink_ports,
+        host="0.0.0.0",
+        tls_sans=tuple(args.public_name),
+        ready_timeout_s=args.ready_timeout,
+        stop_grace_s=args.stop_grace,
+    )
+    state = bring_up(options)
+    print(describe(state))
+    print(f"copy {state.ca_certificate} (not the keys) to every SuperNode machine and to the machine running `flwr`")
+    if options.auth:
+        print(f"register each SuperNode's public key first: fedcifar-deploy register KEY.pub --dir {args.dir}")
+    print(f"stop: fedcifar-deploy down --dir {args.dir}")
+    return 0
+
+
+def command_key(args: argparse.Namespace) -> int:
+    """`key`: a SuperNode's key pair; only the .pub leaves this machine."""
+    private, public = make_node_key(Path(args.path))
+    print(f"private key {private} (stays on this machine), public key {public} (register it with the SuperLink)")
+    return 0
+
+
+def command_register(args: argparse.Namespace) -> int:
+    """`register`: tell the SuperLink to accept a SuperNode's public key."""
+    project = None if args.control else Path(args.dir).expanduser().resolve() / "control"
+    node_id = register_key(Path(args.public_key), project, args.control or "", Path(args.ca) if args.ca else None)
+    print(f"registered {args.public_key}: node id {node_id}")
+    return 0
+
+
+def command_supernode(args: argparse.Namespace) -> int:
+    """`supernode`: one SuperNode on this machine for a SuperLink elsewhere."""
+    options = SuperNodeOptions(
+        directory=Path(args.dir),
+        superlink=args.superlink,
+        node_config=args.node_config,
+        ca_certificate=Path(args.ca) if args.ca else None,
+        private_key=Path(args.key) if args.key else None,
+        clientappio_port=args.clientappio_port,
+        ready_timeout_s=args.ready_timeout,
+        stop_grace_s=args.stop_grace,
+    )
+    state = start_supernode(options)
+    print(describe(state))
+    print(f"stop: fedcifar-deploy down --dir {args.dir}")
+    return 0
+
+
+def command_check(args: argparse.Namespace) -> int:
+    """`check`: can this machine reach the SuperLink at HOST:PORT (and trust its certificate)?"""
+    check_superlink(args.superlink, Path(args.ca) if args.ca else None)
+    print(
+        f"{args.superlink} accepts connections"
+        + (f"; its certificate is valid for it under {args.ca}" if args.ca else "")
+    )
+    return 0
 
 
 def _add_common(sub: argparse.ArgumentParser) -> None:
@@ -165,6 +232,55 @@ def _add_up(commands: argparse._SubParsersAction) -> None:
     up.set_defaults(handler=command_up)
 
 
+def _add_roles(commands: argparse._SubParsersAction) -> None:
+    """The per-machine commands of a deployment across hosts."""
+    superlink = commands.add_parser("superlink", help="this machine's SuperLink, for SuperNodes on other machines")
+    _add_common(superlink)
+    superlink.add_argument(
+        "--public-name",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="host name or IP other machines use for this one: named in the certificate (repeatable)",
+    )
+    superlink.add_argument("--no-auth", action="store_true", help="accept SuperNodes without registered keys")
+    superlink.add_argument(
+        "--superlink-ports",
+        type=_superlink_ports,
+        default=SuperLinkPorts(*DEFAULT_SUPERLINK_PORTS),
+        metavar="SERVERAPPIO,FLEET,CONTROL",
+        help="SuperLink ports (default: 9091,9092,9093)",
+    )
+    superlink.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S, help="seconds to come up")
+    superlink.set_defaults(handler=command_superlink)
+
+    key = commands.add_parser("key", help="make a SuperNode key pair (PATH and PATH.pub)")
+    key.add_argument("path", metavar="PATH", help="the private key file to write, e.g. supernode.key")
+    key.set_defaults(handler=command_key)
+
+    register = commands.add_parser("register", help="register a SuperNode's public key with the SuperLink")
+    _add_common(register)
+    register.add_argument("public_key", metavar="KEY.pub")
+    register.add_argument("--control", metavar="HOST:PORT", help="the SuperLink's Control API, from another machine")
+    register.add_argument("--ca", metavar="ca.crt", help="the SuperLink's CA certificate, with --control")
+    register.set_defaults(handler=command_register)
+
+    supernode = commands.add_parser("supernode", help="one SuperNode on this machine for a SuperLink elsewhere")
+    _add_common(supernode)
+    supernode.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's Fleet API")
+    supernode.add_argument("--node-config", required=True, metavar='"k=v ..."', help="e.g. \"data-path='/data/a'\"")
+    supernode.add_argument("--ca", metavar="ca.crt", help="the SuperLink's CA certificate (without it: --insecure)")
+    supernode.add_argument("--key", metavar="KEY", help="this SuperNode's private key (SuperNode authentication)")
+    supernode.add_argument("--clientappio-port", type=int, default=DEFAULT_CLIENTAPPIO_BASE_PORT)
+    supernode.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S, help="seconds to connect")
+    supernode.set_defaults(handler=command_supernode)
+
+    check = commands.add_parser("check", help="can this machine reach a SuperLink API and trust its certificate?")
+    check.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    check.add_argument("--ca", metavar="ca.crt")
+    check.set_defaults(handler=command_check)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `fedcifar-deploy` command line."""
     parser = argparse.ArgumentParser(
@@ -173,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_up(commands)
+    _add_roles(commands)
     down = commands.add_parser("down", help="stop the processes that `up` started")
     _add_common(down)
     down.set_defaults(handler=command_down)

@@ -105,6 +105,11 @@ class UpOptions:
         return next((name for name in self.tls_sans if name not in ("localhost", "127.0.0.1")), "")
 
 
+def registered_keys_dir(deploy_dir: Path) -> Path:
+    """Public keys registered by hand (`fedcifar-deploy register --dir`), registered again by every `up`."""
+    return deploy_dir / "keys" / "registered"
+
+
 def deployment_is_running(state: DeploymentState) -> bool:
     """True while any recorded process (or a child of it) is alive."""
     return any(live_session_members(record) for record in state.processes)
@@ -237,6 +242,7 @@ def bring_up(options: UpOptions) -> DeploymentState:
             private_keys = [private for private, _ in key_pairs]
             # Registered before the SuperNodes start: the SuperLink refuses unknown keys.
             public_keys = [public_key for _, public_key in key_pairs]
+            public_keys += sorted(registered_keys_dir(deploy_dir).glob("*.pub"))
             register_node_keys(public_keys, Path(state.control_project), superlink_env, options.ready_timeout_s)
         start_supernodes(launcher, options, configs, tls, private_keys)
     except BaseException:
