@@ -343,6 +343,9 @@ def test_wait_until_ready_names_the_log_of_a_process_that_died(tmp_path: Path) -
     process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     process.wait()
     assert log_hint(log) == "Flower exit code 3: Address already in use"
+    traceback = tmp_path / "supernode.log"
+    traceback.write_text("ERROR: No SuperNode found with the given public key.\nTraceback ...\nRuntimeError: x\n")
+    assert log_hint(traceback) == "ERROR: No SuperNode found with the given public key."
     with pytest.raises(DeployError, match=r"superlink exited with code 3 before .*superlink.log .*exit code 3"):
         wait_until_ready([ReadinessCheck("superlink", process, log, lambda: False, "ports open")], 5)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])

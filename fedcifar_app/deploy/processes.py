@@ -25,6 +25,12 @@ from .errors import DeployError
 from .state import ManagedProcess
 
 POLL_INTERVAL_S = 0.1
+# Flower errors whose line says more than the traceback that follows them.
+KNOWN_FLOWER_ERRORS = (
+    "No SuperNode found with the given public key",
+    "CERTIFICATE_VERIFY_FAILED",
+    "Address already in use",
+)
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -192,17 +198,19 @@ def log_hint(log_path: Path) -> str:
     """The likeliest error message at the end of a log, on one short line.
 
     Flower ends a failed process with "Exit Code: N", its message, and a link;
-    the code and message are what the user needs, not the link.
+    the code and message are what the user needs, not the link. Without one, a
+    known Flower error in the last lines wins over a traceback's last line.
     """
     try:
         text = log_path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
-    lines = [ANSI_ESCAPE.sub("", line).strip() for line in text.splitlines()[-40:]]
+    lines = [ANSI_ESCAPE.sub("", line).strip() for line in text.splitlines()[-80:]]
     lines = [line for line in lines if line and not line.startswith("For more information")]
     if not lines:
         return ""
-    hint = lines[-1]
+    known = [line for line in lines if any(marker in line for marker in KNOWN_FLOWER_ERRORS)]
+    hint = known[-1] if known else lines[-1]
     for index in range(len(lines) - 1, -1, -1):
         if "Exit Code:" in lines[index]:
             code = lines[index].split("Exit Code:", 1)[1].strip()

@@ -96,7 +96,15 @@ def start_supernode(options: SuperNodeOptions) -> DeploymentState:
             )
 
         what = f"being accepted by the SuperLink at {options.superlink}"
-        wait_until_ready([ReadinessCheck("supernode", process, log_path, connected, what)], options.ready_timeout_s)
+        try:
+            wait_until_ready([ReadinessCheck("supernode", process, log_path, connected, what)], options.ready_timeout_s)
+        except DeployError as err:
+            if key is not None and "No SuperNode found with the given public key" in str(err):
+                raise DeployError(
+                    f"the SuperLink at {options.superlink} refused this SuperNode's key (No SuperNode found with the "
+                    f"given public key): register {key}.pub on the SuperLink machine (`fedcifar-deploy register`)"
+                ) from err
+            raise
     except BaseException:
         stop_processes(launcher.started, options.stop_grace_s)
         state_path(deploy_dir).unlink(missing_ok=True)
