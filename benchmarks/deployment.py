@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATASET = (REPO.parent / "shared" / "data" / "cifar10").resolve()
 BIN = Path(sys.executable).parent
 POLL_S = 0.25
+IDLE_WINDOW_S = 15.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CLIENTAPP_IMPORTS = "import flwr.supernode.cli, fedcifar_app.client_app"  # what `flwr-clientapp` loads per message
 
@@ -142,8 +143,24 @@ def run_config(dataset: str, rounds: int, nodes: int, output_dir: Path) -> str:
     return f"num-server-rounds={rounds} dataset='{dataset}' output-dir='{output_dir}' {nodes_needed}"
 
 
-def flwr_run(command: list[str], log_path: Path, timeout_s: float, extra_sessions: set[int]) -> dict[str, Any]:
-    """Run `flwr run` in its own session, polling it (and `extra_sessions`) until it ends."""
+def rounds_written(output_dir: Path) -> int:
+    """Rows in the run folder's metrics.json so far (written atomically)."""
+    for metrics in output_dir.glob("*/metrics.json"):
+        try:
+            return len(json.loads(metrics.read_text()))
+        except (OSError, ValueError):
+            return 0
+    return 0
+
+
+def flwr_run(
+    command: list[str], log_path: Path, output_dir: Path, timeout_s: float, extra_sessions: set[int]
+) -> dict[str, Any]:
+    """Run `flwr run` in its own session, polling it (and `extra_sessions`) until it ends.
+
+    The CPU used so far is noted whenever metrics.json gains a round: CPU per round is less
+    spoiled by other load on the machine than seconds per round.
+    """
     started = time.monotonic()
     cpu_before = cpu_with_children_s(extra_sessions) if extra_sessions else 0.0
     with log_path.open("wb") as stream:
@@ -152,8 +169,18 @@ def flwr_run(command: list[str], log_path: Path, timeout_s: float, extra_session
         )
     monitor = Monitor({process.pid, *extra_sessions})
     timed_out = False
+    cpu_at_round: dict[int, float] = {}
+
+    def cpu_so_far() -> float:
+        if not extra_sessions:
+            return monitor.own_cpu_s
+        return cpu_with_children_s(extra_sessions) - cpu_before + monitor.own_cpu_of(process.pid)
+
     while process.poll() is None:
         monitor.poll()
+        written = rounds_written(output_dir)
+        if written and written - 1 not in cpu_at_round:
+            cpu_at_round[written - 1] = round(cpu_so_far(), 1)
         if time.monotonic() - started > timeout_s:
             timed_out = True
             break
@@ -173,6 +200,9 @@ def flwr_run(command: list[str], log_path: Path, timeout_s: float, extra_session
         "peak_rss_gb": round(monitor.peak_rss_kb / 2**20, 2),
         "peak_processes": monitor.peak_processes,
         "peak_clientapp_processes": monitor.peak_clientapps,
+        "round_cpu_s": {
+            r: round(cpu_at_round[r] - cpu_at_round[r - 1], 1) for r in cpu_at_round if r - 1 in cpu_at_round
+        },
     }
 
 
@@ -204,7 +234,7 @@ def bench_simulation(dataset: str, rounds: int, nodes: int, work: Path, timeout_
     log("simulation: flwr run .")
     output = work / "simulation"
     command = [str(BIN / "flwr"), "run", ".", "--stream", "--run-config", run_config(dataset, rounds, nodes, output)]
-    result = {"load_before": load_average(), **flwr_run(command, work / "simulation.log", timeout_s, set())}
+    result = {"load_before": load_average(), **flwr_run(command, work / "simulation.log", output, timeout_s, set())}
     result.update(run_folder_summary(output), load_after=load_average())
     return result
 
@@ -242,6 +272,9 @@ def bench_deployment(
             return result
         state = json.loads((deploy_dir / "state.json").read_text())
         sessions = {record["pid"] for record in state["processes"]}
+        idle_before = cpu_with_children_s(sessions)
+        time.sleep(IDLE_WINDOW_S)  # what the waiting SuperLink and SuperNodes cost by themselves
+        result["idle_cpu_per_s"] = round((cpu_with_children_s(sessions) - idle_before) / IDLE_WINDOW_S, 3)
         output = work / "deployment"
         log("deployment: flwr run . local-deployment")
         command = [
@@ -255,7 +288,7 @@ def bench_deployment(
             "--run-config",
             run_config(dataset, rounds, nodes, output),
         ]
-        result.update(flwr_run(command, work / "deployment.log", timeout_s, sessions))
+        result.update(flwr_run(command, work / "deployment.log", output, timeout_s, sessions))
         result.update(run_folder_summary(output), load_after=load_average())
     finally:
         subprocess.run([*deploy, "down", "--dir", str(deploy_dir)], cwd=REPO, env=env, capture_output=True, timeout=120)
@@ -296,6 +329,9 @@ def summarise(results: dict[str, Any], nodes: int, rounds: int) -> list[str]:
         if r in dep.get("round_seconds", {}) and r in sim.get("round_seconds", {})
     ]
     lines.append("")
+    for label, run in (("simulation", sim), ("deployment", dep)):
+        cpu = run.get("round_cpu_s", {})
+        lines.append(f"{label} CPU-s per round: " + ", ".join(f"round {r}: {cpu[r]}" for r in sorted(cpu)))
     if ratios:
         lines.append(f"deployment / simulation, rounds 2..{rounds}: {', '.join(f'{x:.1f}x' for x in ratios)}")
     lines.append(
@@ -304,6 +340,7 @@ def summarise(results: dict[str, Any], nodes: int, rounds: int) -> list[str]:
     )
     accuracy = [run.get("central_accuracy", {}).get(rounds) for run in (sim, dep)]
     lines.append(f"round-{rounds} central accuracy: simulation {accuracy[0]}, deployment {accuracy[1]}")
+    lines.append(f"idle deployment (SuperLink + SuperNodes waiting): {dep.get('idle_cpu_per_s')} CPU-s per second")
     return lines
 
 
@@ -323,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cores": len(os.sched_getaffinity(0))}
     if args.skip_simulation and args.out.is_file():
         simulation = json.loads(args.out.read_text())["simulation"]
-        for key in ("round_seconds", "central_accuracy"):  # JSON made the round numbers strings
+        for key in ("round_seconds", "central_accuracy", "round_cpu_s"):  # JSON made the round numbers strings
             simulation[key] = {int(k): v for k, v in simulation.get(key, {}).items()}
         results["simulation"] = simulation
     with tempfile.TemporaryDirectory(prefix="fedcifar-deploy-bench-") as tmp:
