@@ -20,6 +20,7 @@ from .data import DataError, NodeSplits, load_node_data
 from .metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS
 from .model import Net
 from .seeds import derive_seed
+from .threads import size_torch_threads
 
 app = ClientApp()
 logger = logging.getLogger("flwr")
@@ -46,6 +47,7 @@ class NodeJob:
     def from_message(cls, msg: Message, context: Context) -> NodeJob:
         config = RunConfig.from_run_config(context.run_config)
         node = NodeData.from_node_config(context.node_config)
+        size_torch_threads(context.node_config)  # this process's share of the cores (threads.py)
         data = load_node_data(config, node)
         device = training.pick_device(config.device)
         model = Net()

@@ -14,7 +14,8 @@ from typing import Any
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write a temporary file in the target's folder, fsync it, then rename it over the target."""
+    """Write a temporary file in the target's folder, fsync it, rename it over the target, fsync the folder
+    (so after a crash the target is the old file or the new one, never cut short)."""
     path = Path(path)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -26,6 +27,15 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def atomic_write_json(path: Path, value: Any) -> None:
@@ -45,8 +55,4 @@ def publish_folder(staging: Path, target: Path) -> None:
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
     os.replace(staging, target)
-    directory = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync_folder(target.parent)

@@ -1,76 +1,42 @@
-"""Failure behaviour of a real local deployment (issue 5, items 2-5).
+"""Failure behaviour of a real local deployment.
 
 Each test starts real Flower processes on free loopback ports (`fedcifar-deploy up`
-in a tmp folder), breaks something on purpose, and judges the run by what it wrote
-(status.json, metrics.json, checkpoint.pt) and by the server log that
-`flwr run --stream` prints; never by the exit code of `flwr run`.
+in a tmp folder; tests/support/deployment.py), breaks something on purpose, and
+judges the run by what it wrote (status.json, metrics.json, checkpoint.pt) and by
+the server log that `flwr run --stream` prints; never by the exit code of `flwr run`.
 
 - a SuperNode whose data-path holds a corrupt parquet file,
 - a SuperNode killed (SIGKILL on its process group) in round 2, then restarted,
 - the SuperLink with its ServerApp killed after round 2's checkpoint, then a resumed run,
 - too few SuperNodes for min-available-nodes.
 
-Two federations are shared by the tests of this module (3 SuperNodes each); every
-process started here runs in its own session and is ended by process group in a
-finalizer. Every wait is bounded.
+Two deployments are shared by the tests of this module (3 SuperNodes each); every
+process started here is ended by process group in a finalizer. Every wait is bounded.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import random
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_parquet_dataset
+from support.deployment import LocalDeployment, deployment_environment
 
-from fedcifar_app import deploy
 from fedcifar_app.model import Net
 
-APP_DIR = Path(__file__).resolve().parents[1]
-CLI_TIMEOUT_S = 60
-RUN_TIMEOUT_S = 300
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+pytestmark = pytest.mark.slow  # real processes: minutes on two cores
+
 # One WARNING per failing node and round, as the strategy writes it.
 FAILURE_LINE = re.compile(r"WARNING\s*:\s+round (\d+) (train|evaluate): node (.+?) failed: (.*)")
 NODES = 3
 ROUND_TIMEOUT_S = 150  # longer than Flower's heartbeat deadline, to show which one ends a round
 
 
-# --------------------------------------------------------------------------- helpers
-def free_port_block(count: int) -> list[int]:
-    """`count` consecutive ports that are free on 127.0.0.1 right now."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - count)
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return list(range(base, base + count))
-    raise RuntimeError(f"no block of {count} free ports found")
-
-
-def kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_config(output_dir: Path, rounds: int, nodes: str, *, node_wait_timeout: float = 60, extra: str = "") -> str:
+def run_config(output_dir, rounds: int, nodes: str, *, node_wait_timeout: float = 60, extra: str = "") -> str:
     """A small synthetic run; ONE string, since `flwr run` refuses a key given twice."""
     return (
         f"num-server-rounds={rounds} dataset='synthetic' output-dir='{output_dir}' {nodes} "
@@ -82,231 +48,21 @@ def failure_lines(output: str) -> list[tuple[int, str, str, str]]:
     return [(int(m[1]), m[2], m[3], m[4]) for m in map(FAILURE_LINE.search, output.splitlines()) if m]
 
 
-class FlwrRun:
-    """A `flwr run . local-deployment --stream` in its own session, output to a file."""
-
-    def __init__(self, command: list[str], log: Path, output_dir: Path):
-        self.log = log
-        self.output_dir = output_dir
-        with log.open("wb") as stream:
-            self.process = subprocess.Popen(
-                command,
-                cwd=APP_DIR,
-                stdin=subprocess.DEVNULL,
-                stdout=stream,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def output(self) -> str:
-        return ANSI.sub("", self.log.read_text(encoding="utf-8", errors="replace"))
-
-    def wait(self, timeout_s: float = RUN_TIMEOUT_S) -> str:
-        """The streamed server log once `flwr run` ends; fails the test past `timeout_s`."""
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(f"flwr run still running after {timeout_s:g} s:\n{self.output[-3000:]}")
-        return self.output
-
-    def stop(self) -> None:
-        kill_group(self.process.pid)
-        self.process.wait(timeout=10)
-
-    @property
-    def folder(self) -> Path:
-        folders = [p for p in self.output_dir.iterdir() if p.is_dir()] if self.output_dir.exists() else []
-        assert len(folders) == 1, f"expected one run folder in {self.output_dir}: {folders}\n{self.output[-3000:]}"
-        return folders[0]
-
-    @property
-    def status(self) -> dict:
-        return json.loads((self.folder / "status.json").read_text())
-
-    @property
-    def metrics(self) -> list[dict]:
-        path = self.folder / "metrics.json"
-        return json.loads(path.read_text()) if path.exists() else []
-
-    def wait_for(self, what: str, condition, timeout_s: float = RUN_TIMEOUT_S) -> None:
-        """Poll `condition()` (files are written atomically) until it holds."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ended = self.process.poll() is not None
-            try:
-                if condition():
-                    return
-            except (AssertionError, FileNotFoundError, ValueError, RuntimeError, EOFError):
-                pass  # no run folder yet, or a file between versions
-            if ended:
-                pytest.fail(f"flwr run ended before {what}:\n{self.output[-3000:]}")
-            time.sleep(0.3)
-        pytest.fail(f"no {what} within {timeout_s:g} s:\n{self.output[-3000:]}")
-
-
-class Federation:
-    """A SuperLink and SuperNodes from `fedcifar-deploy up`, plus the processes a test adds."""
-
-    def __init__(self, root: Path, env: dict[str, str], data_paths: list[Path] | None = None):
-        self.root = root
-        self.env = env
-        self.dir = root / "deploy"
-        self.data_paths = data_paths or []
-        ports = free_port_block(3 + NODES)
-        self.superlink_ports = ports[:3]
-        self.clientappio_base_port = ports[3]
-        self.restarted: dict[str, subprocess.Popen] = {}  # SuperNodes a test started again
-        self.runs: list[FlwrRun] = []
-
-    # ---- processes
-    def deploy_cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "fedcifar_app.deploy", *args, "--dir", str(self.dir)],
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
-        assert result.returncode == 0, f"fedcifar-deploy {args[0]} failed:\n{result.stdout}\n{result.stderr}"
-        return result.stdout
-
-    def up(self) -> None:
-        data = [arg for path in self.data_paths for arg in ("--data-path", str(path))]
-        self.deploy_cli(
-            "up",
-            "--nodes",
-            str(NODES),
-            *data,
-            "--superlink-ports",
-            ",".join(map(str, self.superlink_ports)),
-            "--clientappio-base-port",
-            str(self.clientappio_base_port),
-        )
-
-    def down(self) -> None:
-        """`down`, then end by process group whatever this test started or restarted."""
-        state = deploy.load_state(self.dir)
-        for process in self.restarted.values():
-            kill_group(process.pid)
-            process.wait(timeout=10)
-        self.restarted.clear()
-        if state is not None:
-            self.deploy_cli("down", "--stop-grace", "3")
-            leftovers = deploy.stop_processes(state.processes, grace_s=3)
-            assert not leftovers, f"still running after down: {leftovers}"
-
-    def teardown(self) -> None:
-        for run in self.runs:
-            kill_group(run.process.pid)
-        self.down()
-
-    def record(self, name: str) -> deploy.ManagedProcess:
-        state = deploy.load_state(self.dir)
-        assert state is not None, "no deployment recorded"
-        return next(p for p in state.processes if p.name == name)
-
-    def alive(self, name: str) -> bool:
-        if name in self.restarted:
-            return self.restarted[name].poll() is None
-        return bool(deploy.live_session_members(self.record(name)))
-
-    def kill(self, name: str) -> None:
-        """SIGKILL the process group of `name` (the process and every Flower child of it)."""
-        pid = self.restarted.pop(name).pid if name in self.restarted else self.record(name).pid
-        kill_group(pid)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            stat = deploy.read_proc_stat(pid)
-            if stat is None or stat[0] == "Z":
-                return
-            time.sleep(0.1)
-        pytest.fail(f"{name} (pid {pid}) survived SIGKILL")
-
-    def restart_node(self, name: str) -> None:
-        """Start SuperNode `name` again with the flags `up` gave it; wait until it is connected."""
-        record = self.record(name)
-        log = self.dir / "logs" / f"{name}-restarted.log"
-        env = deploy.child_environment(self.dir / "flwr-home" / name)
-        process = deploy.start_process(name, record.command, log, self.root, env)
-        self.restarted[name] = process
-        deadline = time.monotonic() + 60
-        while not deploy.log_contains(log, deploy.SUPERNODE_CONNECTED_MARKER):
-            assert process.poll() is None, f"{name} exited again:\n{log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"{name} did not reconnect:\n{log.read_text()[-2000:]}"
-            time.sleep(0.1)
-
-    def heal(self) -> None:
-        """Bring back whatever an earlier test left dead, so tests do not depend on each other."""
-        if not deploy.load_state(self.dir) or not self.alive("superlink"):
-            self.down()
-            self.up()
-            return
-        for index in range(NODES):
-            if not self.alive(f"supernode-{index}"):
-                self.restart_node(f"supernode-{index}")
-
-    def node_id(self, name: str) -> int:
-        """The node id SuperNode `name` printed when the SuperLink accepted it (its latest log)."""
-        log = self.dir / "logs" / (f"{name}-restarted.log" if name in self.restarted else f"{name}.log")
-        found = re.findall(r"SuperNode ID: (\d+)", ANSI.sub("", log.read_text()))
-        assert found, f"no node id in {log}"
-        return int(found[-1])
-
-    # ---- the flwr CLI
-    def federation_args(self) -> list[str]:
-        return ["local-deployment", "--federation-config", f"address='127.0.0.1:{self.superlink_ports[2]}'"]
-
-    def start_run(self, config: str, output_dir: Path) -> FlwrRun:
-        run = FlwrRun(
-            [deploy.flower_executable("flwr"), "run", ".", *self.federation_args(), "--stream", "--run-config", config],
-            self.root / f"flwr-run-{len(self.runs)}.log",
-            output_dir,
-        )
-        self.runs.append(run)
-        return run
-
-    def run(self, config: str, output_dir: Path) -> FlwrRun:
-        run = self.start_run(config, output_dir)
-        run.wait()
-        return run
-
-    def supernodes(self) -> list[dict]:
-        """`flwr supernode list` as JSON, through the control project `up` wrote."""
-        result = subprocess.run(
-            [
-                deploy.flower_executable("flwr"),
-                "supernode",
-                "list",
-                str(self.dir / "control"),
-                deploy.CONTROL_FEDERATION,
-                "--format",
-                "json",
-            ],
-            cwd=APP_DIR,
-            capture_output=True,
-            text=True,
-            timeout=CLI_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
-        )
-        answer = json.loads(result.stdout[result.stdout.find("{") :])
-        assert answer.get("success"), answer
-        return answer["nodes"]
-
-
-def start_federation(tmp_path_factory, name: str, data_paths=None) -> Federation:
+def start_federation(tmp_path_factory, name: str, data_paths=None) -> LocalDeployment:
+    """A deployment of NODES SuperNodes (their own data folders when `data_paths` is given), started."""
     root = tmp_path_factory.mktemp(name)
-    env = dict(os.environ, FEDCIFAR_CACHE_DIR=str(tmp_path_factory.getbasetemp() / "fedcifar-cache"))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return Federation(root, env, data_paths)
+    env = deployment_environment(tmp_path_factory.getbasetemp() / "fedcifar-cache")
+    federation = LocalDeployment(root, env, nodes=NODES, spare_ports=0, data_paths=data_paths or ())
+    try:
+        federation.up()
+    except BaseException:
+        federation.teardown()
+        raise
+    return federation
 
 
 @pytest.fixture(scope="module")
-def broken_data_federation(tmp_path_factory) -> Iterator[Federation]:
+def broken_data_federation(tmp_path_factory) -> Iterator[LocalDeployment]:
     """Three SuperNodes on their own parquet folders; supernode-2's train file is garbage bytes."""
     data = tmp_path_factory.mktemp("node-data")
     good = [make_parquet_dataset(data / f"good-{i}", n_train=60, n_test=20, seed=i) for i in range(2)]
@@ -314,18 +70,16 @@ def broken_data_federation(tmp_path_factory) -> Iterator[Federation]:
     (broken / "train-00000-of-00001.parquet").write_bytes(b"PAR1 these bytes are not a parquet file")
     federation = start_federation(tmp_path_factory, "broken-data", [*good, broken])
     try:
-        federation.up()
         yield federation
     finally:
         federation.teardown()
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory) -> Iterator[Federation]:
+def federation(tmp_path_factory) -> Iterator[LocalDeployment]:
     """Three SuperNodes, partition-id=i num-partitions=3 of the run's dataset."""
     federation = start_federation(tmp_path_factory, "federation")
     try:
-        federation.up()
         yield federation
     finally:
         federation.teardown()
@@ -382,9 +136,7 @@ def test_killed_supernode_is_reported_within_the_heartbeat_deadline_and_can_rejo
     """SIGKILL one of three SuperNodes in round 2 of 2. Flower notices the missing heartbeats
     (30 s interval, patience 2) and answers for the node with NODE_UNAVAILABLE, so the round
     ends well before round-timeout and the run completes on the other two nodes. The node,
-    started again with the same flags, is accepted as a new node; the next test's first run
-    needs all three nodes to train (min-train-nodes=3), so it is the new run that shows the
-    restarted node works (it checks that node's log for its run)."""
+    started again with the same flags, is accepted as a new node and trains in the next run."""
     federation.heal()
     run = federation.start_run(
         run_config(tmp_path / "out", 2, "min-available-nodes=2 min-train-nodes=2 min-evaluate-nodes=1"),
@@ -415,15 +167,22 @@ def test_killed_supernode_is_reported_within_the_heartbeat_deadline_and_can_rejo
     assert sorted(status.values()) == ["online"] * 3, status  # the two others and the restarted one
     assert federation.node_id("supernode-2") in status
 
+    # The node rejoins: a run that needs all three nodes to train completes, and the restarted
+    # process's own log shows it received that run's train message.
+    rejoin = federation.run(
+        run_config(tmp_path / "rejoin", 1, "min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=1"),
+        tmp_path / "rejoin",
+    )
+    assert rejoin.status["status"] == "completed" and not failure_lines(rejoin.output), rejoin.output[-3000:]
+    restarted_log = federation.node_log("supernode-2").read_text()
+    assert f"[RUN {rejoin.run_id}]" in restarted_log and "Receiving: train message" in restarted_log
+
 
 # --------------------------------------------------------------------------- item 4: server crash and resume
 def test_superlink_crash_keeps_the_last_checkpoint_and_resume_finishes_the_run(federation, tmp_path):
     """SIGKILL the SuperLink's process group (SuperLink, SuperExec and the running
     flwr-serverapp) after round 2's checkpoint; restart the deployment; resume-from the
-    run folder: the new folder holds rounds 0..4 once each.
-
-    After the previous test, the first run is also the new run with the restarted SuperNode:
-    with min-train-nodes=3 a round only counts if all three nodes trained."""
+    run folder: the new folder holds rounds 0..4 once each."""
     federation.heal()
     nodes = "min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=1"
     first = federation.start_run(run_config(tmp_path / "first", 4, nodes), tmp_path / "first")
@@ -433,10 +192,6 @@ def test_superlink_crash_keeps_the_last_checkpoint_and_resume_finishes_the_run(f
 
     first.wait_for("round 2's checkpoint", lambda: checkpoint_round() >= 2)
     assert "Data check: 3 nodes ready" in first.output and not failure_lines(first.output), first.output
-    if "supernode-2" in federation.restarted:  # the SuperNode that item 3 killed and started again
-        run_id = re.search(r"started run (\d+)", first.output)[1]
-        restarted_log = (federation.dir / "logs" / "supernode-2-restarted.log").read_text()
-        assert f"[RUN {run_id}]" in restarted_log and "Receiving: train message" in restarted_log
     federation.kill("superlink")
     try:
         first.process.wait(timeout=30)  # the CLI loses its log stream

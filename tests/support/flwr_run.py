@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from fedcifar_app import app_config
+from fedcifar_app.deploy.processes import session_members
 
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -36,22 +37,6 @@ def flwr_environment(cache_dir: Path) -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # flwr starts `flower-simulation`
         "FEDCIFAR_CACHE_DIR": str(cache_dir),
     }
-
-
-def session_members(session_id: int) -> list[int]:
-    """Pids whose session is ``session_id`` (what `start_new_session` gave `flwr run` and its children)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
-        if int(fields[3]) == session_id:
-            members.append(int(entry.name))
-    return members
 
 
 class FlwrRun:
