@@ -179,12 +179,14 @@ def record_stop(recorder: RunRecorder | None, config: RunConfig, folder: Path, w
         reason, source = f"{who} after round {last} of {config.num_server_rounds}", folder
     else:  # nothing checkpointed here: continue from where this run started, if it was a resume
         reason, source = f"{who} before this run checkpointed a round", Path(config.resume_from or folder)
+    # The command goes into status.json too: the process may be killed before the log line is out.
+    command = resume_command(config, source, simulation=simulation) if last >= 0 or config.resume_from else None
     if recorder is not None:
-        recorder.set_status("stopped", reason, rounds=last if last >= 0 else None)
+        recorder.set_status("stopped", reason, rounds=last if last >= 0 else None, **{"resume-command": command})
     else:
-        write_status(folder, "stopped", reason, rounds=None)
-    if last >= 0 or config.resume_from:
-        logger.warning("Run %s; resume with: %s", reason, resume_command(config, source, simulation=simulation))
+        write_status(folder, "stopped", reason, rounds=None, **{"resume-command": command})
+    if command is not None:
+        logger.warning("Run %s; resume with: %s", reason, command)
     else:
         logger.warning("Run %s; no round was checkpointed, so start it again rather than resume", reason)
 

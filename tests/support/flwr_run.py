@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,7 +54,11 @@ class FlwrRun:
         log_path: Path | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.log_path = log_path or self.output_dir.parent / f"{self.output_dir.name}.log"
+        if log_path is None:  # beside output_dir, unless that is not a folder (a test of a bad output-dir)
+            beside = self.output_dir.parent
+            folder = beside if beside.is_dir() or not beside.exists() else Path(tempfile.mkdtemp(prefix="flwr-run-"))
+            log_path = folder / f"{self.output_dir.name}.log"
+        self.log_path = log_path
         self.command = [str(BIN / "flwr"), "run", ".", *extra_args]
         self.command += ["--run-config", f"{run_config} output-dir='{self.output_dir}'".strip()]
         if federation_config:
