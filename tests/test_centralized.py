@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support.flwr_run import BIN, PROJECT
 
 from fedcifar_app import centralized
 from fedcifar_app.app_config import app_run_config, parse_overrides
 from fedcifar_app.config import ConfigError, RunConfig
 
-APP_DIR = Path(__file__).resolve().parents[1]
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)  train-loss [\d.]+  validation loss ([\d.]+)  accuracy ([\d.]+)", re.M)
 TEST_LINE = re.compile(r"^Final test set performance: loss ([\d.]+), accuracy ([\d.]+)$", re.M)
 
@@ -34,7 +33,7 @@ def test_trains_on_one_partition_and_reports_each_epoch(capsys):
     code = centralized.main(
         [
             "--app",
-            str(APP_DIR),
+            str(PROJECT),
             "--run-config",
             "dataset='synthetic'",
             "--num-partitions",
@@ -81,9 +80,9 @@ def test_command_line_overrides_pyproject(tmp_path, capsys):
 
 
 def test_reads_this_apps_pyproject():
-    config = centralized.build_config(APP_DIR, "dataset='synthetic'")
+    config = centralized.build_config(PROJECT, "dataset='synthetic'")
     assert config.dataset == "synthetic"
-    assert config == RunConfig.from_run_config({**app_run_config(APP_DIR), "dataset": "synthetic"})
+    assert config == RunConfig.from_run_config({**app_run_config(PROJECT), "dataset": "synthetic"})
 
 
 @pytest.mark.parametrize(
@@ -102,7 +101,7 @@ def test_reads_this_apps_pyproject():
     ],
 )
 def test_bad_values_give_one_error_line(args, message, capsys):
-    code = centralized.main(["--app", str(APP_DIR), *args])
+    code = centralized.main(["--app", str(PROJECT), *args])
     captured = capsys.readouterr()
     assert code == 2
     lines = captured.err.strip().splitlines()
@@ -141,13 +140,13 @@ def test_override_parser_uses_flwr_syntax():
 
 def test_console_script_runs(tmp_path):
     """The installed entry point, as a user types it, from the app folder (the default --app)."""
-    script = Path(sys.executable).with_name("fedcifar-centralized")
+    script = BIN / "fedcifar-centralized"
     if not script.exists():
         pytest.skip("fedcifar-centralized is not installed in this environment")
     env = {**os.environ, "FEDCIFAR_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(
         [str(script), "--run-config", "dataset='synthetic'", "--epochs", "1", "--num-partitions", "10"],
-        cwd=APP_DIR,
+        cwd=PROJECT,
         env=env,
         capture_output=True,
         text=True,

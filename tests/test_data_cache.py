@@ -28,12 +28,12 @@ from support.datasets import (
     pil_decode,
     write_parquet_split,
 )
+from support.flwr_run import BIN, PROJECT
 
 from fedcifar_app import data
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.data import decoding, node_data, partitions
 
-REPO = Path(__file__).resolve().parents[1]
 # torchvision 0.29 deprecates its decoders on every call (data/decoding.py filters it; pytest resets filters).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 SUBPROCESS_TIMEOUT_S = 120
@@ -220,7 +220,7 @@ def test_two_processes_decoding_at_once_write_one_correct_entry(
     cache_dir: Path, dataset: ParquetFolder, tmp_path: Path
 ) -> None:
     count_file, go = tmp_path / "decodes.txt", tmp_path / "go"
-    env = {**os.environ, "FEDCIFAR_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "FEDCIFAR_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(PROJECT)}
     children = []
     for i in range(2):
         ready = tmp_path / f"ready-{i}"
@@ -273,7 +273,7 @@ def test_fedcifar_cache_clear_empties_the_cache(
     assert "2 entries" in info and str(cache_dir) in info
 
     # The real console script, as a user types it (one subprocess: importing torch is slow).
-    script = Path(sys.executable).with_name("fedcifar-cache")
+    script = BIN / "fedcifar-cache"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "fedcifar_app.data"]
     env = {**os.environ, "FEDCIFAR_CACHE_DIR": str(cache_dir)}
     cleared = subprocess.run([*command, "clear"], env=env, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import make_parquet_dataset
-from support.deployment import LocalDeployment, deployment_environment
+from support.deployment import LocalDeployment
+from support.flwr_run import flwr_environment
 
 from fedcifar_app.deploy.certificates import ensure_node_key
 from fedcifar_app.deploy.commands import SUPERNODE_CONNECTED_MARKER, supernode_command
@@ -31,7 +32,7 @@ SHORT_RUN_ROUNDS = 1
 @pytest.fixture
 def deployment(tmp_path: Path) -> Iterator[LocalDeployment]:
     """Two SuperNodes' worth of ports; every process is ended, whatever the test did."""
-    federation = LocalDeployment(tmp_path, deployment_environment(tmp_path / "cache"), nodes=2)
+    federation = LocalDeployment(tmp_path, flwr_environment(tmp_path / "cache"), nodes=2)
     try:
         yield federation
     finally:

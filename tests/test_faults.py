@@ -24,7 +24,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 from conftest import make_parquet_dataset
-from support.deployment import LocalDeployment, deployment_environment
+from support.deployment import LocalDeployment
+from support.flwr_run import flwr_environment
 
 from fedcifar_app.model import Net
 
@@ -51,7 +52,7 @@ def failure_lines(output: str) -> list[tuple[int, str, str, str]]:
 def start_federation(tmp_path_factory, name: str, data_paths=None) -> LocalDeployment:
     """A deployment of NODES SuperNodes (their own data folders when `data_paths` is given), started."""
     root = tmp_path_factory.mktemp(name)
-    env = deployment_environment(tmp_path_factory.getbasetemp() / "fedcifar-cache")
+    env = flwr_environment(tmp_path_factory.getbasetemp() / "fedcifar-cache")
     federation = LocalDeployment(root, env, nodes=NODES, spare_ports=0, data_paths=data_paths or ())
     try:
         federation.up()
@@ -147,7 +148,7 @@ def test_killed_supernode_is_reported_within_the_heartbeat_deadline_and_can_rejo
     killed_at = time.monotonic()
     run.wait_for("the dead node named in the log", lambda: failure_lines(run.output), ROUND_TIMEOUT_S + 30)
     named_after = time.monotonic() - killed_at
-    output = run.wait(timeout_s=ROUND_TIMEOUT_S + 60)
+    output = run.wait(timeout_s=ROUND_TIMEOUT_S + 60).output
     after_kill = time.monotonic() - killed_at
 
     assert run.status["status"] == "completed", output[-3000:]
@@ -186,17 +187,13 @@ def test_superlink_crash_keeps_the_last_checkpoint_and_resume_finishes_the_run(f
     federation.heal()
     nodes = "min-available-nodes=3 min-train-nodes=3 min-evaluate-nodes=1"
     first = federation.start_run(run_config(tmp_path / "first", 4, nodes), tmp_path / "first")
-
-    def checkpoint_round() -> int:
-        return int(torch.load(first.folder / "checkpoint.pt", map_location="cpu", weights_only=True)["round"])
-
-    first.wait_for("round 2's checkpoint", lambda: checkpoint_round() >= 2)
+    first.wait_for("round 2's checkpoint", lambda: first.checkpoint_round() >= 2)
     assert "Data check: 3 nodes ready" in first.output and not failure_lines(first.output), first.output
     federation.kill("superlink")
     try:
         first.process.wait(timeout=30)  # the CLI loses its log stream
     except subprocess.TimeoutExpired:
-        first.stop()
+        first.kill()
 
     folder = first.folder
     # Nobody was left to write "failed": status.json still says running.

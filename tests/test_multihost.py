@@ -23,15 +23,17 @@ from pathlib import Path
 
 import pytest
 from conftest import make_parquet_dataset
-from support.deployment import ANSI, APP_DIR, kill_group
+from support.deployment import kill_group
+from support.flwr_run import BIN, PROJECT
 from support.netns import Network, netns_unavailable
 
 from fedcifar_app.deploy.certificates import ensure_tls_files
 from fedcifar_app.deploy.flwr_cli import CONTROL_FEDERATION
+from fedcifar_app.deploy.processes import ANSI_ESCAPE
 
 pytestmark = pytest.mark.slow
 
-README = (APP_DIR / "README.md").read_text(encoding="utf-8")
+README = (PROJECT / "README.md").read_text(encoding="utf-8")
 EXAMPLE_CA = "/home/me/ca.crt"
 # The README's commands, in the order a user types them (the test fills in its own names).
 SUPERLINK = "fedcifar-deploy superlink --public-name superlink.example.org --dir /srv/fedcifar/deploy"
@@ -96,14 +98,14 @@ class Hosts:
         argv = shlex.split(command)
         if argv[0] == "fedcifar-deploy":
             return [sys.executable, "-m", "fedcifar_app.deploy", *argv[1:]]
-        return [str(Path(sys.executable).parent / argv[0]), *argv[1:]]
+        return [str(BIN / argv[0]), *argv[1:]]
 
     def env(self, host: str) -> dict[str, str]:
         return dict(
             os.environ,
             FLWR_HOME=str(self.folders[host] / "flwr-home"),
             FEDCIFAR_CACHE_DIR=str(self.root / "cache" / host),
-            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         )
 
     def on(self, host: str, argv: list[str], timeout_s: float = 180, cwd: Path | None = None):
@@ -132,7 +134,7 @@ class Hosts:
         with log.open("wb") as stream:
             process = subprocess.Popen(
                 argv,
-                cwd=APP_DIR,
+                cwd=PROJECT,
                 env=self.env("user"),
                 stdout=stream,
                 stderr=subprocess.STDOUT,
@@ -149,7 +151,7 @@ class Hosts:
     def supernodes(self) -> dict[int, str]:
         """node id -> online/offline, as the SuperLink's control project reports it (on the SuperLink host)."""
         control = self.folders["superlink"] / "deploy" / "control"
-        flwr = str(Path(sys.executable).parent / "flwr")
+        flwr = str(BIN / "flwr")
         result = self.on("superlink", [flwr, "supernode", "list", str(control), CONTROL_FEDERATION, "--format", "json"])
         answer = json.loads(result.stdout[result.stdout.find("{") :])
         return {int(node["node-id"]): node["status"] for node in answer["nodes"]}
@@ -196,7 +198,7 @@ def hosts(tmp_path: Path) -> Iterator[Hosts]:
 
 
 def node_id(log: Path) -> int:
-    return int(re.findall(r"SuperNode ID: (\d+)", ANSI.sub("", log.read_text()))[-1])
+    return int(re.findall(r"SuperNode ID: (\d+)", ANSI_ESCAPE.sub("", log.read_text()))[-1])
 
 
 def run_config(output_dir: Path, rounds: int, nodes: int) -> str:
@@ -213,7 +215,7 @@ def completed_run(hosts: Hosts, process: subprocess.Popen, log: Path, timeout_s:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         pytest.fail(f"flwr run still running after {timeout_s} s:\n{log.read_text()[-3000:]}")
-    output = ANSI.sub("", log.read_text(errors="replace"))
+    output = ANSI_ESCAPE.sub("", log.read_text(errors="replace"))
     run_id = re.search(r"started run (\d+)", output)
     assert run_id, output[-3000:]
     return run_id[1], output

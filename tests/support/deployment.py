@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ import pytest
 from fedcifar_app.deploy.commands import SUPERNODE_CONNECTED_MARKER
 from fedcifar_app.deploy.flwr_cli import CONTROL_FEDERATION
 from fedcifar_app.deploy.processes import (
+    ANSI_ESCAPE,
     child_environment,
     flower_executable,
     live_session_members,
@@ -35,12 +36,10 @@ from fedcifar_app.deploy.processes import (
     stop_processes,
 )
 from fedcifar_app.deploy.state import ManagedProcess, load_state, state_path
+from support.flwr_run import PROJECT, FlwrRun
 
-APP_DIR = Path(__file__).resolve().parents[2]
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 CLI_TIMEOUT_S = 60
 DEPLOY_TIMEOUT_S = 180
-RUN_TIMEOUT_S = 300
 
 
 def free_port_block(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -67,14 +66,7 @@ def kill_group(pid: int) -> None:
         pass
 
 
-def deployment_environment(cache_dir: Path) -> dict[str, str]:
-    """The tests' environment for deployment processes: own decode cache, this venv's tools first."""
-    env = dict(os.environ, FEDCIFAR_CACHE_DIR=str(cache_dir))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def cli_json(command: list[str], cwd: Path = APP_DIR) -> dict:
+def cli_json(command: list[str], cwd: Path = PROJECT) -> dict:
     """Run a `flwr ... --format json` command (bounded) and return its JSON answer."""
     result = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL
@@ -84,76 +76,6 @@ def cli_json(command: list[str], cwd: Path = APP_DIR) -> dict:
     answer = json.loads(result.stdout[start:])
     assert answer.get("success"), answer
     return answer
-
-
-class FlwrRun:
-    """A `flwr run` in its own session, output to a file; judged by the run folder it writes."""
-
-    def __init__(self, command: list[str], log: Path, output_dir: Path):
-        self.log = log
-        self.output_dir = output_dir
-        with log.open("wb") as stream:
-            self.process = subprocess.Popen(
-                command,
-                cwd=APP_DIR,
-                stdin=subprocess.DEVNULL,
-                stdout=stream,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    @property
-    def output(self) -> str:
-        return ANSI.sub("", self.log.read_text(encoding="utf-8", errors="replace"))
-
-    def wait(self, timeout_s: float = RUN_TIMEOUT_S) -> str:
-        """The streamed server log once `flwr run` ends; fails the test past `timeout_s`."""
-        try:
-            self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            pytest.fail(f"flwr run still running after {timeout_s:g} s:\n{self.output[-3000:]}")
-        return self.output
-
-    def stop(self) -> None:
-        kill_group(self.process.pid)
-        self.process.wait(timeout=10)
-
-    @property
-    def folder(self) -> Path:
-        folders = [p for p in self.output_dir.iterdir() if p.is_dir() and not p.is_symlink()]
-        assert len(folders) == 1, f"expected one run folder in {self.output_dir}: {folders}\n{self.output[-3000:]}"
-        return folders[0]
-
-    @property
-    def status(self) -> dict:
-        return json.loads((self.folder / "status.json").read_text())
-
-    @property
-    def metrics(self) -> list[dict]:
-        path = self.folder / "metrics.json"
-        return json.loads(path.read_text()) if path.exists() else []
-
-    @property
-    def run_id(self) -> str:
-        found = re.search(r"started run (\d+)", self.output)
-        assert found, f"no run id in the flwr run output:\n{self.output[-3000:]}"
-        return found[1]
-
-    def wait_for(self, what: str, condition: Callable[[], object], timeout_s: float = RUN_TIMEOUT_S) -> None:
-        """Poll `condition()` (files are written atomically) until it holds."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            ended = self.process.poll() is not None
-            try:
-                if condition():
-                    return
-            except (AssertionError, FileNotFoundError, ValueError, RuntimeError, EOFError):
-                pass  # no run folder yet, or a file between versions
-            if ended:
-                pytest.fail(f"flwr run ended before {what}:\n{self.output[-3000:]}")
-            time.sleep(0.3)
-        pytest.fail(f"no {what} within {timeout_s:g} s:\n{self.output[-3000:]}")
 
 
 class LocalDeployment:
@@ -247,7 +169,7 @@ class LocalDeployment:
 
     def teardown(self) -> None:
         for run in self.runs:
-            kill_group(run.process.pid)
+            run.kill()
         self.down()
 
     # ---- processes
@@ -310,21 +232,35 @@ class LocalDeployment:
 
     def node_id(self, name: str) -> int:
         """The node id SuperNode `name` printed when the SuperLink accepted it (its latest log)."""
-        found = re.findall(r"SuperNode ID: (\d+)", ANSI.sub("", self.node_log(name).read_text()))
+        found = re.findall(r"SuperNode ID: (\d+)", ANSI_ESCAPE.sub("", self.node_log(name).read_text()))
         assert found, f"no node id in {self.node_log(name)}"
         return int(found[-1])
 
     # ---- the flwr CLI
     def start_run(self, config: str, output_dir: Path) -> FlwrRun:
-        command = [flower_executable("flwr"), "run", ".", *self.federation_args(), "--stream", "--run-config", config]
-        run = FlwrRun(command, self.root / f"flwr-run-{len(self.runs)}.log", output_dir)
+        """`flwr run . <this federation> --stream` in the background (tests/support/flwr_run.py)."""
+        log = self.root / f"flwr-run-{len(self.runs)}.log"
+        run = FlwrRun(
+            output_dir, config, env=self.env, federation=self.federation_args(), extra_args=("--stream",), log_path=log
+        )
         self.runs.append(run)
-        return run
+        return run.start()
 
     def run(self, config: str, output_dir: Path) -> FlwrRun:
-        run = self.start_run(config, output_dir)
-        run.wait()
-        return run
+        return self.start_run(config, output_dir).wait()
+
+    def flwr(self, command: str, *args: str, options: Sequence[str] = (), timeout_s: float = CLI_TIMEOUT_S):
+        """`flwr COMMAND ARGS . <this federation> OPTIONS`, bounded; the caller judges the exit code."""
+        return subprocess.run(
+            [flower_executable("flwr"), command, *args, ".", *self.federation_args(), *options],
+            cwd=PROJECT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
 
     def listed_runs(self) -> list[dict]:
         """`flwr ls` as JSON: the runs this SuperLink knows."""

@@ -3,27 +3,37 @@
 flwr 1.25 exits 0 even when the ServerApp fails, so tests judge a run by its folder
 (status.json, metrics.json). A `flwr run` killed alone leaves flower-simulation and Ray
 running, so every run starts a new session and ends with every process of that session gone.
+The same class runs against a simulation federation and against a deployment
+(tests/support/deployment.py passes the federation and `--stream`).
+
+PROJECT (the app folder) and BIN (this venv's console scripts) are defined here, once.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from fedcifar_app import app_config
-from fedcifar_app.deploy.processes import session_members
+from fedcifar_app.deploy.processes import ANSI_ESCAPE, session_members
 
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 300.0
+# An output-dir the run config names itself (a deployment test's config, a printed resume command).
+OUTPUT_DIR = re.compile(r"(?:^|\s)output-dir\s*=\s*['\"]([^'\"]*)['\"]")
+# What a condition of `wait_for` may raise while the run folder or a file in it is not there yet.
+NOT_YET = (AssertionError, FileNotFoundError, ValueError, RuntimeError, EOFError)
 
 
 def small_federation(num_supernodes: int = 3) -> str:
@@ -41,7 +51,12 @@ def flwr_environment(cache_dir: Path) -> dict[str, str]:
 
 
 class FlwrRun:
-    """One `flwr run .` writing into ``output_dir``; the run folder it creates is the only new one there."""
+    """One `flwr run .` writing into ``output_dir``; the run folder it creates is the only new one there.
+
+    ``federation`` (the positional federation name and its `--federation-config`, as a deployment
+    gives them) goes before the options; ``federation_config`` alone overrides the default
+    federation. ``output-dir`` is added to ``run_config`` unless the run config names it already.
+    """
 
     def __init__(
         self,
@@ -49,6 +64,7 @@ class FlwrRun:
         run_config: str,
         *,
         env: dict[str, str],
+        federation: Sequence[str] = (),
         federation_config: str | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
@@ -59,8 +75,12 @@ class FlwrRun:
             folder = beside if beside.is_dir() or not beside.exists() else Path(tempfile.mkdtemp(prefix="flwr-run-"))
             log_path = folder / f"{self.output_dir.name}.log"
         self.log_path = log_path
-        self.command = [str(BIN / "flwr"), "run", ".", *extra_args]
-        self.command += ["--run-config", f"{run_config} output-dir='{self.output_dir}'".strip()]
+        named = OUTPUT_DIR.search(run_config)  # a regex, not the parser: tests pass malformed configs too
+        if named is None:
+            run_config = f"{run_config} output-dir='{self.output_dir}'".strip()
+        else:
+            assert Path(named[1]).resolve() == self.output_dir.resolve(), (named[1], self.output_dir)
+        self.command = [str(BIN / "flwr"), "run", ".", *federation, *extra_args, "--run-config", run_config]
         if federation_config:
             self.command += ["--federation-config", federation_config]
         self.env = env
@@ -83,7 +103,9 @@ class FlwrRun:
 
     @property
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        """What `flwr run` printed so far, colour codes removed."""
+        text = self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+        return ANSI_ESCAPE.sub("", text)
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.output.splitlines()[-lines:])
@@ -97,13 +119,36 @@ class FlwrRun:
 
     run_folder = folder  # the name the one-shot tests use
 
+    def _made_folder(self) -> Path:
+        folder = self.folder
+        assert folder is not None, f"no run folder in {self.output_dir}; log tail:\n{self.log_tail()}"
+        return folder
+
     @property
     def status(self) -> dict:
-        return json.loads((self.folder / "status.json").read_text())
+        return json.loads((self._made_folder() / "status.json").read_text())
 
     @property
     def metrics(self) -> list[dict]:
-        return json.loads((self.folder / "metrics.json").read_text())
+        """The rows of metrics.json; [] while (or when) the run has written none."""
+        path = self._made_folder() / "metrics.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def checkpoint_round(self) -> int:
+        """The round in the run folder's checkpoint.pt (written atomically), or -1 before the first one."""
+        import torch  # here: most users of this module never read a checkpoint
+
+        folder = self.folder
+        if folder is None or not (folder / "checkpoint.pt").exists():
+            return -1
+        return int(torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)["round"])
+
+    @property
+    def run_id(self) -> str:
+        """The run id Flower printed when it started the run (a deployment's `flwr run`)."""
+        found = re.search(r"started run (\d+)", self.output)
+        assert found, f"no run id in the flwr run output; log tail:\n{self.log_tail()}"
+        return found[1]
 
     @property
     def returncode(self) -> int | None:
@@ -120,24 +165,31 @@ class FlwrRun:
         self.kill()
         return self
 
-    def wait_for(self, what: str, condition, timeout_s: float = RUN_TIMEOUT_S) -> None:
-        """Poll ``condition()`` until true; fail with the log tail if the run ends or time runs out first."""
+    def wait_for(self, what: str, condition: Callable[[], object], timeout_s: float = RUN_TIMEOUT_S) -> None:
+        """Poll ``condition()`` until true; fail with the log tail if the run ends or time runs out first.
+
+        A condition that raises one of NOT_YET (no run folder yet, a file not written yet) is not met yet.
+        """
         assert self.process is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if condition():
-                return
-            if self.process.poll() is not None:
+            ended = self.process.poll() is not None  # before the check: a run may meet it as it ends
+            try:
+                if condition():
+                    return
+            except NOT_YET:
+                pass
+            if ended:
                 self.kill()
                 pytest.fail(f"flwr run ended before {what}; log tail:\n{self.log_tail()}")
             time.sleep(0.2)
         self.kill()
         pytest.fail(f"no {what} after {timeout_s:.0f}s; log tail:\n{self.log_tail()}")
 
-    def signal(self, signum: int) -> None:
-        """Send ``signum`` to the run's process group, as a terminal's Ctrl-C does."""
+    def signal(self, signum: int, *, group: bool = True) -> None:
+        """Send ``signum`` to the run's process group, as a terminal's Ctrl-C does (or to `flwr` alone)."""
         assert self.process is not None
-        os.killpg(self.process.pid, signum)
+        (os.killpg if group else os.kill)(self.process.pid, signum)
 
     def kill(self) -> None:
         """SIGKILL the process group, then anything of its session that left the group; assert none is left."""

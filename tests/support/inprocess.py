@@ -29,8 +29,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION
 
+from support.flwr_run import PROJECT
+
 BACKEND_NAME = "in-thread"
-PROJECT = Path(__file__).resolve().parents[2]
 
 
 class InThreadBackend(Backend):
