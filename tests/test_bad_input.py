@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL_NODES, encode_image, federation_override, make_parquet_dataset, run_flwr, write_parquet_split
+from support.inprocess import run_inprocess
 
+from fedcifar_app.app_config import parse_overrides
 from fedcifar_app.config import ConfigError, DeviceChoice, NodeData, RunConfig
 from fedcifar_app.data import DataError, check_dataset, load_node_data, load_split
 from fedcifar_app.model import new_model
@@ -207,8 +210,14 @@ def tiny_dataset(root: Path) -> Path:
     return make_parquet_dataset(root, n_train=4, n_test=10)
 
 
-E2E_CASES = [  # (name, run-config override, expected message, number of simulated SuperNodes)
+# Failing runs, each (name, run-config override, expected message, number of simulated SuperNodes).
+# Two go through the real `flwr run .` (a server-side and a node-side failure: the CLI's output is
+# what a user reads); the rest run in process (Flower's engine, the real apps; seconds, not ~20 s).
+REAL_RUN_CASES = [
     ("bad partitioner", lambda t: "partitioner='shards'", "partitioner='shards' is not allowed", 3),
+    ("partitions too small", lambda t: f"dataset='{tiny_dataset(t / 'd')}'", "too few to split", 3),
+]
+IN_PROCESS_CASES = [
     ("missing dataset", lambda t: f"dataset='{t}/missing'", "no such folder", 3),
     (
         "labels out of range",
@@ -216,14 +225,15 @@ E2E_CASES = [  # (name, run-config override, expected message, number of simulat
         "outside 0..9",
         3,
     ),
-    ("partitions too small", lambda t: f"dataset='{tiny_dataset(t / 'd')}'", "too few to split", 3),
     ("more nodes needed than simulated", lambda t: "", "simulated federation has 2 SuperNodes", 2),
     ("resume from a non-run folder", lambda t: f"resume-from='{t}'", "not a run folder", 3),
     ("cuda on a machine without a GPU", lambda t: "device='cuda'", "device='cuda' but this machine's PyTorch", 3),
 ]
 
 
-@pytest.mark.parametrize("name, make_override, expected, supernodes", E2E_CASES, ids=[c[0] for c in E2E_CASES])
+@pytest.mark.parametrize(
+    "name, make_override, expected, supernodes", REAL_RUN_CASES, ids=[c[0] for c in REAL_RUN_CASES]
+)
 def test_flwr_run_fails_fast_with_one_error_line_and_a_failed_status(
     tmp_path, flwr_env, name, make_override, expected, supernodes
 ):
@@ -247,22 +257,48 @@ def test_flwr_run_fails_fast_with_one_error_line_and_a_failed_status(
     assert folder_digest(inputs) == before  # inputs, a resumed folder included, are never touched
 
 
-def test_diverging_training_fails_in_one_line_keeping_the_last_finite_checkpoint_and_strict_json(tmp_path, flwr_env):
-    run = run_flwr(
-        tmp_path / "out", f"dataset='synthetic' {SMALL_NODES} num-server-rounds=3 learning-rate=1e30", env=flwr_env
-    )
-    error_lines = [line for line in run.output.splitlines() if "ERROR" in line]
-    assert len(error_lines) == 1, run.output[-3000:]
-    assert "round 1: training diverged" in error_lines[0] and "learning-rate=1e+30 is likely too high" in error_lines[0]
-    assert "Traceback" not in run.output
-    assert run.status["status"] == "failed" and "resume-from=" in run.status["reason"]
+def failing_run_in_process(tmp_path: Path, caplog, override: str, supernodes: int = 3) -> tuple[Path, list[str]]:
+    """Run in process; return the run folder and every ERROR-or-worse log line of the run."""
+    values = parse_overrides(f"{SMALL_NODES} {override} output-dir='{tmp_path / 'out'}'")
+    values.setdefault("dataset", "synthetic")
+    with caplog.at_level(logging.INFO):
+        folder = run_inprocess(values, num_supernodes=supernodes)
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert not any(record.exc_info for record in caplog.records), "a traceback was logged"
+    return folder, errors
+
+
+@pytest.mark.parametrize(
+    "name, make_override, expected, supernodes", IN_PROCESS_CASES, ids=[c[0] for c in IN_PROCESS_CASES]
+)
+def test_a_failing_run_stops_before_training_with_one_error_line_and_a_failed_status(
+    tmp_path, caplog, name, make_override, expected, supernodes
+):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    override = make_override(inputs)
+    before = folder_digest(inputs)
+    folder, errors = failing_run_in_process(tmp_path, caplog, override, supernodes)
+    assert len(errors) == 1 and expected in errors[0], errors
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "failed" and expected in status["reason"]
+    assert not (folder / "metrics.json").exists() or json.loads((folder / "metrics.json").read_text()) == []
+    assert folder_digest(inputs) == before  # inputs, a resumed folder included, are never touched
+
+
+def test_diverging_training_fails_in_one_line_keeping_the_last_finite_checkpoint_and_strict_json(tmp_path, caplog):
+    folder, errors = failing_run_in_process(tmp_path, caplog, "num-server-rounds=3 learning-rate=1e30")
+    assert len(errors) == 1, errors
+    assert "round 1: training diverged" in errors[0] and "learning-rate=1e+30 is likely too high" in errors[0]
+    status = json.loads((folder / "status.json").read_text())
+    assert status["status"] == "failed" and "resume-from=" in status["reason"]
 
     def refuse(token: str):
         raise AssertionError(f"metrics.json holds {token}, which is not JSON")
 
-    rows = json.loads((run.run_folder / "metrics.json").read_text(), parse_constant=refuse)
+    rows = json.loads((folder / "metrics.json").read_text(), parse_constant=refuse)
     assert [row["round"] for row in rows] == [0]  # the diverged round is not recorded
-    assert Checkpoint.load(run.run_folder).round == 0  # the last finite model
+    assert Checkpoint.load(folder).round == 0  # the last finite model
 
 
 def test_unwritable_output_dir_fails_with_one_line(tmp_path, flwr_env):

@@ -67,14 +67,6 @@ def finished_folder(run: FlwrRun) -> Path:
     return run.folder
 
 
-def checkpoint_round(run: FlwrRun) -> int:
-    """The round in the run's checkpoint.pt (written atomically, so a read sees a whole file), or -1."""
-    folder = run.folder
-    if folder is None or not (folder / results.CHECKPOINT).exists():
-        return -1
-    return int(torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)["round"])
-
-
 def read_json(path: Path):
     return json.loads(path.read_text())
 
@@ -147,7 +139,7 @@ def uninterrupted(workdir, cache_dir) -> Iterator[tuple[Path, FlwrRun]]:
 def killed(workdir, cache_dir) -> Iterator[tuple[Path, FlwrRun]]:
     run = start_run(workdir, "killed", cache_dir)
     try:
-        run.wait_for(f"round {KILL_AFTER_ROUND}'s checkpoint", lambda: checkpoint_round(run) >= KILL_AFTER_ROUND)
+        run.wait_for(f"round {KILL_AFTER_ROUND}'s checkpoint", lambda: run.checkpoint_round() >= KILL_AFTER_ROUND)
         run.kill()  # SIGKILL the whole session: nobody gets to say the run ended
         yield run.folder, run
     finally:
