@@ -96,8 +96,9 @@ def simulation_engine_stop_event() -> threading.Event | None:
 def is_simulation(grid: Any) -> bool:
     """True when the ServerApp runs inside a simulation (every node registered up front).
 
-    Flower 1.27+ runs simulations through a local SuperLink, so there the grid is the
-    deployment one; callers treat that like a deployment (they wait for nodes), which is correct.
+    Flower 1.42's simulation runtime (behind its local SuperLink) still hands the ServerApp an
+    InMemoryGrid, now from ``flwr.superlink.grid`` (the CI check prints "simulation"). A grid of
+    another kind is treated as a deployment: the app then waits for nodes, which is always safe.
     """
     return _InMemoryGrid is not None and isinstance(grid, _InMemoryGrid)
 
