@@ -30,6 +30,7 @@ from .metrics import EPSILON, EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundRow, ro
 from .model import Net
 from .plots import CURVES, write_curves
 from .run_status import STATUS, RunStatus, read_status, stale_after, this_process, timestamp
+from .training import weights_are_finite
 
 __all__ = ["Checkpoint", "RunRecorder", "RunStatus", "read_status", "write_status"]
 
@@ -98,10 +99,6 @@ def read_rows(folder: Path) -> list[RoundRow]:
         raise ConfigError(
             f"{path} cannot be read ({type(err).__name__}: {err}); it is not a metrics file this app wrote"
         ) from None
-
-
-def weights_are_finite(weights: Mapping[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(tensor).all()) for tensor in weights.values() if tensor.is_floating_point())
 
 
 @dataclass

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from .errors import RunAborted, TrainingDiverged
 from .metrics import TRAIN_LOSS
+from .training import weights_are_finite
 
 logger = logging.getLogger("flwr.fedcifar_app")
 
@@ -156,9 +157,7 @@ class StrategyHooks:
 def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
     """Stop before a NaN/inf model is evaluated, recorded or checkpointed."""
     loss = float(metrics[TRAIN_LOSS]) if metrics is not None and TRAIN_LOSS in metrics else 0.0
-    weights_ok = arrays is None or all(
-        bool(tensor.isfinite().all()) for tensor in arrays.to_torch_state_dict().values() if tensor.is_floating_point()
-    )
+    weights_ok = arrays is None or weights_are_finite(arrays.to_torch_state_dict())
     if not (math.isfinite(loss) and weights_ok):
         raise TrainingDiverged(
             f"round {round_number}: training diverged (train-loss {loss:g}"

@@ -3,7 +3,7 @@ centralized baseline and the benchmark all run the same loops."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +105,11 @@ def evaluate(model: nn.Module, data: ImageTensors, device: torch.device) -> Eval
         total_loss += criterion(outputs, targets).item()
         correct += (outputs.argmax(1) == targets).sum().item()
     return EvalResult(loss=total_loss / len(data), accuracy=correct / len(data), num_examples=len(data))
+
+
+def weights_are_finite(weights: Mapping[str, torch.Tensor]) -> bool:
+    """No NaN or inf in any floating-point tensor: the one divergence test of the strategy and the recorder."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in weights.values() if tensor.is_floating_point())
 
 
 def get_weights(model: nn.Module) -> dict[str, torch.Tensor]:
