@@ -11,8 +11,8 @@ One command measures, in one invocation (see benchmarks/README.md for what each 
          one, PIL decode, ToTensor, Normalize, DataLoader (what typical Flower examples do)
   flwr   (3) `flwr run .` with the default federation, with a cold cache and then a warm one:
          start-up to round 1, seconds per round, whole run, peak memory of the process tree, accuracy
-  scale  (5) the same run with 1,000 virtual SuperNodes and fraction-train 0.01, plus the time to
-         partition the train split 1,000 ways
+  scale  (5) the same run with 1,000 virtual SuperNodes (--scale-nodes: more sizes) training 10 and
+         evaluating 5 per round (fraction-train 10/N), plus the time to partition the train split N ways
 
     python benchmarks/benchmark.py                         # dataset: ../shared/data/cifar10
     python benchmarks/benchmark.py --dataset /path/to/cifar10 --out /tmp/results.json
@@ -65,7 +65,7 @@ class Settings:
     rounds: int
     warm_runs: int
     federation_config: str | None
-    scale_nodes: int
+    scale_nodes: tuple[int, ...]
     timeout_s: float
     keep: bool
     quiet: Quiet
@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5, help="num-server-rounds of the flwr runs (default 5)")
     parser.add_argument("--warm-runs", type=int, default=2, help="warm-cache flwr runs; the best counts (default 2)")
     parser.add_argument("--federation-config", default=None, help="passed to every `flwr run` (e.g. num-cpus)")
-    parser.add_argument("--scale-nodes", type=int, default=1000)
+    parser.add_argument(
+        "--scale-nodes", type=int, nargs="+", default=[1000], help="step (5)'s federation sizes (default 1000)"
+    )
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per flwr run before it is ended")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, run folders, cache)")
     parser.add_argument(
@@ -147,7 +149,7 @@ def settings_from(args: argparse.Namespace, fail) -> Settings:
         rounds=args.rounds,
         warm_runs=args.warm_runs,
         federation_config=args.federation_config,
-        scale_nodes=args.scale_nodes,
+        scale_nodes=tuple(args.scale_nodes),
         timeout_s=args.timeout,
         keep=args.keep,
         quiet=Quiet(load=args.quiet_load, max_wait_s=args.quiet_wait),
@@ -172,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         "workdir": str(workdir),
         "app": str(settings.app_dir),
         "rounds": settings.rounds,
-        "scale_nodes": settings.scale_nodes,
+        "scale_nodes": list(settings.scale_nodes),
     }
     log(f"working folder {workdir}; load average {load_average()}")
     try:
@@ -222,21 +224,23 @@ def run_steps(settings: Settings, results: dict[str, Any], workdir: Path) -> Non
     if "flwr" in steps:
         run_cold_and_warm(settings, runner, run_config, results, floor_pass)
     if "scale" in steps:
-        results["scale"] = bench_partition_scale(dataset, bench_cache, settings.scale_nodes)
-        log(f"partitioning: {results['scale']}")
-        scale_config = {
-            **run_config,
-            "fraction-train": "0.01",
-            "fraction-evaluate": "0.005",
-            "min-train-nodes": "10",
-            "min-evaluate-nodes": "5",
-            "min-available-nodes": str(settings.scale_nodes),
-        }
-        federation = federation_config(
-            settings.app_dir, settings.federation_config, **{"num-supernodes": settings.scale_nodes}
-        )
-        results["flwr_scale"] = runner.run("flwr_scale", bench_cache, scale_config, federation)
-        log(f"flwr scale: {brief(results['flwr_scale'])}")
+        partitionings = results["scale_partitioning"] = []
+        runs = results["flwr_scale_runs"] = []
+        for nodes in settings.scale_nodes:
+            partitionings.append(bench_partition_scale(dataset, bench_cache, nodes))
+            log(f"partitioning: {partitionings[-1]}")
+            # 10 nodes train and 5 evaluate per round, as in the 10-node federation: fractions scale with 1/nodes.
+            scale_config = {
+                **run_config,
+                "fraction-train": f"{10 / nodes:g}",
+                "fraction-evaluate": f"{5 / nodes:g}",
+                "min-train-nodes": "10",
+                "min-evaluate-nodes": "5",
+                "min-available-nodes": str(nodes),
+            }
+            federation = federation_config(settings.app_dir, settings.federation_config, **{"num-supernodes": nodes})
+            runs.append({"nodes": nodes, **runner.run(f"flwr_scale_{nodes}", bench_cache, scale_config, federation)})
+            log(f"flwr scale {nodes}: {brief(runs[-1])}")
 
 
 def run_cold_and_warm(settings: Settings, runner: FlwrRunner, run_config: dict, results: dict, floor_pass) -> None:

@@ -116,8 +116,8 @@ def add_floor_rounds(
 ) -> None:
     """Run floor rounds for every thread count, then recompute each variant over all its rounds so far.
 
-    The floor is the faster variant (its best round; noise only adds time). Calling this between the
-    flwr runs spreads the floor's rounds over the same stretch of (shared-machine) time.
+    The floor is the plain variant, torch's default threads (report.summarise takes its median round);
+    calling this between the flwr runs spreads the floor's rounds over the same stretch of time.
     """
     variants = results.setdefault("floor_variants", {})
     for index, threads in enumerate(thread_counts):
@@ -136,4 +136,4 @@ def add_floor_rounds(
             load_before=variant["passes"][0]["load_before"],
             load_after=measured["load_after"],
         )
-    results["floor"] = min(variants.values(), key=lambda v: v["round_min_s"])
+    results["floor"] = max(variants.values(), key=lambda v: v["torch_threads"])  # the plain one: torch's default

@@ -6,22 +6,21 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from . import training
 from .compat import ErrorCode
-from .config import ConfigError, DpMode, NodeData, RunConfig
-from .data import DataError, NodeSplits, load_node_data
+from .config import ConfigError, DpMode
+from .errors import DataError
 from .metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS
-from .model import Net
-from .seeds import derive_seed
-from .threads import size_torch_threads
 
+if TYPE_CHECKING:
+    from .node_job import NodeJob
+
+# No torch (nor any module that imports it) at module level: see node_job.py for why.
 app = ClientApp()
 logger = logging.getLogger("flwr")
 
@@ -33,27 +32,12 @@ warnings.filterwarnings("ignore", message=r"Tip: In future versions of Ray", cat
 DATA_CHECK = "data-check"  # the query the ServerApp sends before round 1
 
 
-@dataclass(frozen=True)
-class NodeJob:
-    """Everything one handler needs: validated config, this node's data, a model with the global weights."""
+def job_for(msg: Message, context: Context) -> NodeJob:
+    """This node's job for ``msg``; the first call in a process imports torch and the ML code."""
+    from .node_job import NodeJob  # first: Flower's to_torch_state_dict needs torch imported already
 
-    config: RunConfig
-    node: NodeData
-    data: NodeSplits
-    device: torch.device
-    model: Net
-
-    @classmethod
-    def from_message(cls, msg: Message, context: Context) -> NodeJob:
-        config = RunConfig.from_run_config(context.run_config)
-        node = NodeData.from_node_config(context.node_config)
-        size_torch_threads(context.node_config)  # this process's share of the cores (threads.py)
-        data = load_node_data(config, node)
-        device = training.pick_device(config.device)
-        model = Net()
-        if "arrays" in msg.content:
-            model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-        return cls(config, node, data, device, model)
+    weights = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+    return NodeJob.build(context.run_config, context.node_config, weights)
 
 
 def replies_user_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -82,23 +66,18 @@ def client_dp_clipping(msg: Message, context: Context, call_next: Callable[[Mess
 @replies_user_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's training split."""
-    job = NodeJob.from_message(msg, context)
+    job = job_for(msg, context)
     settings = msg.content["config"]
-    server_round = int(settings["server-round"])
-    train_loss = training.train(
-        job.model,
-        job.data.train,
+    weights, train_loss = job.train(
+        int(settings["server-round"]),
         epochs=int(settings["local-epochs"]),
         batch_size=int(settings["batch-size"]),
         learning_rate=float(settings["learning-rate"]),
-        device=job.device,
-        # Seeded by (seed, round, node) so any process running this node repeats it exactly.
-        seed=derive_seed(job.config.seed, "train", server_round, job.node.label),
         proximal_mu=float(settings.get("proximal-mu", 0.0)),  # FedProx sends it; the term is ours to add
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(training.get_weights(job.model)),
+            "arrays": ArrayRecord(weights),
             "metrics": MetricRecord({TRAIN_LOSS: train_loss, NUM_EXAMPLES: len(job.data.train)}),
         }
     )
@@ -109,8 +88,7 @@ def train(msg: Message, context: Context) -> Message:
 @replies_user_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's validation split."""
-    job = NodeJob.from_message(msg, context)
-    result = training.evaluate(job.model, job.data.val, job.device)
+    result = job_for(msg, context).evaluate()
     metrics = MetricRecord({EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy, NUM_EXAMPLES: result.num_examples})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
@@ -119,9 +97,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @replies_user_errors
 def query(msg: Message, context: Context) -> Message:
     """Before round 1 the server asks each node to load its data: bad data fails there, not mid-run."""
-    job = NodeJob.from_message(msg, context)
-    metrics = MetricRecord(
-        {"num-train": len(job.data.train), "num-val": len(job.data.val), "torch-threads": torch.get_num_threads()}
-    )
-    info = ConfigRecord({"data": job.node.label, "device": str(job.device)})
+    facts = job_for(msg, context).describe()
+    metrics = MetricRecord({key: facts[key] for key in ("num-train", "num-val", "torch-threads")})
+    info = ConfigRecord({key: facts[key] for key in ("data", "device")})
     return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)

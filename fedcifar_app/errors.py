@@ -4,6 +4,10 @@ ServerApp prints it as the run's single ERROR line and records it in status.json
 from __future__ import annotations
 
 
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file or key and the fix."""
+
+
 class RunAborted(RuntimeError):
     """The run cannot go on (too few nodes or replies, training diverged); the message says why and what to do."""
 

@@ -30,7 +30,7 @@ from fedcifar_app.app_config import parse_overrides
 from fedcifar_app.config import ConfigError, RunConfig
 from fedcifar_app.deploy.processes import session_members
 from fedcifar_app.model import Net
-from fedcifar_app.server_app import load_resumed
+from fedcifar_app.server_run import load_resumed
 from fedcifar_app.stopping import resume_command
 
 PLANNED_ROUNDS = 6

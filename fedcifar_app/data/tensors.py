@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DataError as DataError  # defined torch-free there: the ClientApp module loads without torch
+
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -18,10 +20,6 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
-
-
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file or key and the fix."""
 
 
 @dataclass(frozen=True)

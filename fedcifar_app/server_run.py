@@ -1,0 +1,262 @@
+"""What the ServerApp runs: validate the run config, load the test split, wait for the nodes and check
+their data, then the chosen strategy, handing each round to the run folder. Flower-free but for the
+Grid and the records it talks through; ``server_app.main`` imports it when the run starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import flwr
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from . import training
+from .board import ScalarBoard
+from .compat import MessageType, is_simulation
+from .config import ConfigError, NodeData, RunConfig
+from .data import check_dataset, class_names, load_node_data, load_split
+from .errors import RunAborted
+from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, format_row, summary_table
+from .model import Net, new_model
+from .results import Checkpoint, RunRecorder, read_status, write_status
+from .seeds import derive_seed
+from .stopping import RunStop, resume_command
+from .strategies import build_strategy, server_state
+from .strategy import StrategyHooks, replies_by_node, short_reason, wait_for_nodes
+
+logger = logging.getLogger("flwr.fedcifar_app")
+
+
+def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) -> None:
+    config = RunConfig.from_run_config(context.run_config)
+    simulation = is_simulation(grid)
+    stop.on_stop = lambda who: record_stop(None, config, folder, who, simulation=simulation)
+    grid = stop.listen(grid)  # from here a stop is recorded (loading the data can take minutes)
+    device = training.pick_device(config.device)
+    logger.info("fedcifar_app run folder: %s", folder)
+    logger.info(
+        "Server on %s | PyTorch %s | Flower %s | Python %s | %s | dataset %s",
+        device,
+        torch.__version__,
+        flwr.__version__,
+        platform.python_version(),
+        "simulation" if simulation else "deployment",
+        config.dataset,
+    )
+
+    # Start-up work that needs no node runs beside the engine's start-up (Ray, actors importing torch):
+    # in simulation the train split is decoded for the nodes on this machine (a cold cache), then round
+    # 0's central evaluation, then samples.png (benchmarks/README.md, start-up).
+    beside_startup = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedcifar-startup")
+    try:
+        check_dataset(config.dataset)
+        if simulation:  # any error is the nodes' to report, in the data check
+            beside_startup.submit(load_split, config.dataset, "train")
+        test_data = load_split(config.dataset, "test")
+        resumed = load_resumed(config)
+        stop.check()  # a stop while loading was recorded; "running" must not replace it
+        recorder = RunRecorder.start(folder, config, resumed)
+        stop.on_stop = lambda who: record_stop(recorder, config, folder, who, simulation=simulation)
+        if stop.requested:  # it came while the recorder started and wrote "running": put "stopped" back
+            recorder.set_status("stopped", f"{stop.who} before this run checkpointed a round")
+            stop.check()
+
+        weights = resumed.weights if resumed else new_model(derive_seed(config.seed, "init")).state_dict()
+        initial_evaluation = None if resumed else beside_startup.submit(evaluate_weights, weights, test_data, device)
+        needed = max(config.min_available_nodes, config.min_train_nodes, config.min_evaluate_nodes)
+        node_ids = wait_for_nodes(grid, needed, config.node_wait_timeout, simulation=simulation)
+        logger.info("Federation: %d SuperNodes connected (%d needed)", len(node_ids), needed)
+        beside_startup.submit(write_samples, folder, config, num_partitions=len(node_ids))
+        node_names = check_node_data(grid, node_ids, config, simulation=simulation)
+    except BaseException:
+        beside_startup.shutdown(cancel_futures=True)  # what has not started yet is not needed any more
+        raise
+    beside_startup.shutdown()  # round 0 and samples.png are done before round 1
+
+    hooks = StrategyHooks(
+        recorder=recorder,
+        needed_nodes=needed,
+        min_train_nodes=config.min_train_nodes,
+        node_wait_timeout=config.node_wait_timeout,
+        round_timeout=config.round_timeout,
+        simulation=simulation,
+        node_names=node_names,
+        at_round_boundary=stop.at_round_boundary,
+    )
+    strategy = build_strategy(config, hooks, len(node_ids), resumed.server_state if resumed else None)
+    recorder.server_state = lambda: server_state(strategy)
+    logger.info("Strategy: %s (dp %s)", config.strategy.value, config.dp.value)
+    board = ScalarBoard(folder)
+    model = Net()
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Evaluate the global model on the test split; this closes the round's record."""
+        if resumed is not None and server_round == 0:
+            return None  # the resumed run's rounds are already recorded
+        global_weights = arrays.to_torch_state_dict()  # fresh tensors: the recorder may keep them
+        if server_round == 0 and initial_evaluation is not None:
+            result = initial_evaluation.result()  # computed while the nodes started
+        else:
+            model.load_state_dict(global_weights)
+            result = training.evaluate(model, test_data, device)
+        row = recorder.finish_round(server_round, result.loss, result.accuracy, global_weights)
+        board.add_row(row)
+        logger.info("%s", format_row(row))
+        return MetricRecord({CENTRAL_ACCURACY: result.accuracy, CENTRAL_LOSS: result.loss})
+
+    train_config = ConfigRecord(
+        {"learning-rate": config.learning_rate, "local-epochs": config.local_epochs, "batch-size": config.batch_size}
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(weights),
+        num_rounds=config.num_server_rounds - recorder.round_offset,
+        timeout=config.round_timeout,
+        train_config=train_config,
+        evaluate_fn=central_evaluate,
+    )
+    board.close()  # each row is flushed as written, so a run that raises above loses no scalars
+    recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
+    logger.info("Results per round:\n%s", summary_table(recorder.rows))
+    logger.info("Run folder (status: completed): %s", folder)
+
+
+def evaluate_weights(weights: dict, test_data, device) -> training.EvalResult:
+    """The central evaluation of ``weights`` in a model of its own (it runs beside the ServerApp thread)."""
+    model = Net()
+    model.load_state_dict(weights)
+    return training.evaluate(model, test_data, device)
+
+
+def load_resumed(config: RunConfig) -> Checkpoint | None:
+    """The checkpoint to continue from; a run that still runs is refused (two runs would share it)."""
+    if not config.resume_from:
+        return None
+    source = Path(config.resume_from).expanduser().resolve()
+    resumed = Checkpoint.load(source)
+    try:
+        previous = read_status(source)
+    except ValueError as err:
+        raise ConfigError(f"run-config resume-from={str(source)!r}: {err}") from None
+    if previous.state == "running":
+        raise ConfigError(
+            f"run-config resume-from={str(source)!r} is still running (pid {previous.pid} on {previous.host}, "
+            f"updated {previous.updated}): stop it first (Ctrl-C, or flwr stop <run-id>), then resume"
+        )
+    resumed.check_compatible(config)
+    detail = previous.why or previous.reason
+    logger.info(
+        "Resuming %s after round %d (it was %s%s)",
+        source,
+        resumed.round,
+        previous.state,
+        f": {detail}" if detail else "",
+    )
+    return resumed
+
+
+def record_stop(recorder: RunRecorder | None, config: RunConfig, folder: Path, who: str, *, simulation: bool) -> None:
+    """Status "stopped" with who and after which round, and ONE line with the command that resumes."""
+    last = recorder.last_round if recorder is not None else -1
+    if last >= 0:
+        reason, source = f"{who} after round {last} of {config.num_server_rounds}", folder
+    else:  # nothing checkpointed here: continue from where this run started, if it was a resume
+        reason, source = f"{who} before this run checkpointed a round", Path(config.resume_from or folder)
+    # The command goes into status.json too: the process may be killed before the log line is out.
+    command = resume_command(config, source, simulation=simulation) if last >= 0 or config.resume_from else None
+    if recorder is not None:
+        recorder.set_status("stopped", reason, rounds=last if last >= 0 else None, **{"resume-command": command})
+    else:
+        write_status(folder, "stopped", reason, rounds=None, **{"resume-command": command})
+    if command is not None:
+        logger.warning("Run %s; resume with: %s", reason, command)
+    else:
+        logger.warning("Run %s; no round was checkpointed, so start it again rather than resume", reason)
+
+
+def diverged_advice(context: Context, folder: Path | None) -> str:
+    """What to change after NaN/inf: the likely key, and where the last finite model is."""
+    advice = f": learning-rate={context.run_config.get('learning-rate')} is likely too high; lower it"
+    if folder is not None and (folder / "checkpoint.pt").exists():
+        advice += f", then resume-from='{folder}' continues from the last finite round"
+    return advice
+
+
+def write_samples(folder: Path, config: RunConfig, num_partitions: int) -> None:
+    """samples.png: partition 0's first training images; a plotting failure is a warning, never a failed run."""
+    try:
+        from .plots import SAMPLES
+        from .plots import write_samples as plot_samples
+
+        node = NodeData(partition_id=0, num_partitions=num_partitions)
+        plot_samples(
+            folder / SAMPLES,
+            load_node_data(config, node).train,
+            class_names(config.dataset),
+            where=f"partition 0 of {num_partitions}",
+        )
+    except Exception as err:
+        logger.warning("could not write samples.png (%s: %s); the run goes on", type(err).__name__, err)
+
+
+SIMULATION_DATA_CHECK_NODES = 20  # a sample: simulated nodes share one dataset and one config
+
+
+def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig, *, simulation: bool) -> dict[int, str]:
+    """Ask the nodes to load their data before round 1; return node id -> what data it holds.
+
+    Deployed nodes each hold their own data, so every one is asked. Simulated nodes all partition
+    the same dataset under the same config, so a seeded sample of max(20, min-train-nodes,
+    min-evaluate-nodes) stands for them: asking 1,000 nodes took 22 s of start-up, 10,000 far
+    more (benchmarks/README.md); a node outside the sample that fails is named in its round.
+    Nodes whose data fails are named and left out of the count; too few usable nodes stops
+    the run here, before any training.
+    """
+    asked = node_ids
+    sample_size = max(SIMULATION_DATA_CHECK_NODES, config.min_train_nodes, config.min_evaluate_nodes)
+    if simulation and len(node_ids) > sample_size:
+        asked = sorted(random.Random(derive_seed(config.seed, "data-check")).sample(node_ids, sample_size))
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({"server-round": 0})}),
+            message_type=MessageType.QUERY,
+            dst_node_id=node_id,
+        )
+        for node_id in asked
+    ]
+    replies = replies_by_node(messages, grid.send_and_receive(messages, timeout=config.round_timeout))
+    names, failures, train_sizes = {}, [], []
+    for node_id in asked:
+        reply = replies.get(node_id)
+        if reply is None:
+            failures.append(f"node {node_id}: no answer within round-timeout={config.round_timeout:g}s")
+        elif reply.has_error():
+            failures.append(f"node {node_id}: {short_reason(reply.error.reason)}")
+        else:
+            names[node_id] = str(reply.content["info"]["data"])
+            train_sizes.append(int(reply.content["metrics"]["num-train"]))
+    needed = max(config.min_train_nodes, config.min_evaluate_nodes)
+    if len(names) < needed:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise RunAborted(
+            f"data check failed on {len(failures)} of {len(asked)} nodes, {len(names)} usable but "
+            f"min-train-nodes/min-evaluate-nodes need {needed}: {failures[0]}{more}"
+        )
+    for failure in failures:
+        logger.warning("data check: %s; the run goes on, and this node fails its rounds until it is fixed", failure)
+    sampled = f" (a sample of the {len(node_ids)})" if len(asked) < len(node_ids) else ""
+    logger.info(
+        "Data check: %d nodes ready%s, %d training samples (%d to %d per node)",
+        len(names),
+        sampled,
+        sum(train_sizes),
+        min(train_sizes),
+        max(train_sizes),
+    )
+    return names
