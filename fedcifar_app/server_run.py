@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import platform
 import random
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from . import training
 from .board import ScalarBoard
 from .compat import MessageType, is_simulation
 from .config import ConfigError, NodeData, RunConfig
-from .data import check_dataset, class_names, load_node_data, load_split
+from .data import ImageTensors, check_dataset, class_names, load_node_data, load_split
 from .errors import RunAborted
 from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, format_row, summary_table
 from .model import Net, new_model
@@ -127,7 +128,9 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
     logger.info("Run folder (status: completed): %s", folder)
 
 
-def evaluate_weights(weights: dict, test_data, device) -> training.EvalResult:
+def evaluate_weights(
+    weights: Mapping[str, torch.Tensor], test_data: ImageTensors, device: torch.device
+) -> training.EvalResult:
     """The central evaluation of ``weights`` in a model of its own (it runs beside the ServerApp thread)."""
     model = Net()
     model.load_state_dict(weights)
