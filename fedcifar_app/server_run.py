@@ -69,7 +69,9 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
             stop.check()
 
         weights = resumed.weights if resumed else new_model(derive_seed(config.seed, "init")).state_dict()
-        initial_evaluation = None if resumed else beside_startup.submit(evaluate_weights, weights, test_data, device)
+        initial_evaluation = (
+            None if resumed else beside_startup.submit(evaluate_weights, Net(), weights, test_data, device)
+        )
         needed = max(config.min_available_nodes, config.min_train_nodes, config.min_evaluate_nodes)
         node_ids = wait_for_nodes(grid, needed, config.node_wait_timeout, simulation=simulation)
         logger.info("Federation: %d SuperNodes connected (%d needed)", len(node_ids), needed)
@@ -104,8 +106,7 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         if server_round == 0 and initial_evaluation is not None:
             result = initial_evaluation.result()  # computed while the nodes started
         else:
-            model.load_state_dict(global_weights)
-            result = training.evaluate(model, test_data, device)
+            result = evaluate_weights(model, global_weights, test_data, device)
         row = recorder.finish_round(server_round, result.loss, result.accuracy, global_weights)
         board.add_row(row)
         logger.info("%s", format_row(row))
@@ -129,10 +130,10 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
 
 
 def evaluate_weights(
-    weights: Mapping[str, torch.Tensor], test_data: ImageTensors, device: torch.device
+    model: Net, weights: Mapping[str, torch.Tensor], test_data: ImageTensors, device: torch.device
 ) -> training.EvalResult:
-    """The central evaluation of ``weights`` in a model of its own (it runs beside the ServerApp thread)."""
-    model = Net()
+    """The central evaluation: ``weights`` in ``model`` on the test split (round 0's runs beside the
+    ServerApp thread, in a model of its own)."""
     model.load_state_dict(weights)
     return training.evaluate(model, test_data, device)
 
