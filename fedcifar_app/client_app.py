@@ -29,8 +29,6 @@ logger = logging.getLogger("flwr")
 # RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO instead would change which GPUs CPU-only clients see.
 warnings.filterwarnings("ignore", message=r"Tip: In future versions of Ray", category=FutureWarning)
 
-DATA_CHECK = "data-check"  # the query the ServerApp sends before round 1
-
 
 def job_for(msg: Message, context: Context) -> NodeJob:
     """This node's job for ``msg``; the first call in a process imports torch and the ML code."""
