@@ -66,11 +66,25 @@ def kill_group(pid: int) -> None:
         pass
 
 
+def run_bounded(
+    command: Sequence[str], *, cwd: Path, timeout_s: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """A CLI with no stdin and a time bound, its text output captured; the caller judges the exit code."""
+    return subprocess.run(
+        list(command),
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
 def cli_json(command: list[str], cwd: Path = PROJECT) -> dict:
     """Run a `flwr ... --format json` command (bounded) and return its JSON answer."""
-    result = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL
-    )
+    result = run_bounded(command, cwd=cwd, timeout_s=CLI_TIMEOUT_S)
     start = result.stdout.find("{")
     assert start >= 0, f"no JSON from {' '.join(command)}:\n{result.stdout}\n{result.stderr}"
     answer = json.loads(result.stdout[start:])
@@ -121,16 +135,8 @@ class LocalDeployment:
     # ---- fedcifar-deploy
     def deploy_cli(self, *args: str) -> subprocess.CompletedProcess:
         """`python -m fedcifar_app.deploy ARGS --dir DIR`, bounded; the caller judges the exit code."""
-        return subprocess.run(
-            [sys.executable, "-m", "fedcifar_app.deploy", *args, "--dir", str(self.dir)],
-            cwd=self.root,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=DEPLOY_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        command = [sys.executable, "-m", "fedcifar_app.deploy", *args, "--dir", str(self.dir)]
+        return run_bounded(command, cwd=self.root, timeout_s=DEPLOY_TIMEOUT_S, env=self.env)
 
     def up(self, *flags: str) -> str:
         """`up` with this harness's ports, data folders and `flags`; returns what it printed."""
@@ -251,16 +257,8 @@ class LocalDeployment:
 
     def flwr(self, command: str, *args: str, options: Sequence[str] = (), timeout_s: float = CLI_TIMEOUT_S):
         """`flwr COMMAND ARGS . <this federation> OPTIONS`, bounded; the caller judges the exit code."""
-        return subprocess.run(
-            [flower_executable("flwr"), command, *args, ".", *self.federation_args(), *options],
-            cwd=PROJECT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            stdin=subprocess.DEVNULL,
-            check=False,
-        )
+        argv = [flower_executable("flwr"), command, *args, ".", *self.federation_args(), *options]
+        return run_bounded(argv, cwd=PROJECT, timeout_s=timeout_s, env=self.env)
 
     def listed_runs(self) -> list[dict]:
         """`flwr ls` as JSON: the runs this SuperLink knows."""
