@@ -74,8 +74,8 @@ class Quiet:
 
 def default_run_config(dataset: str):
     """The app's run config from pyproject.toml, with ``dataset`` overridden (so the floor follows the app)."""
-    from fedcifar_app.app_config import app_run_config
     from fedcifar_app.config import RunConfig
+    from fedcifar_app.pyproject import app_run_config
 
     return RunConfig.from_run_config({**app_run_config(REPO), "dataset": dataset})
 
@@ -85,10 +85,10 @@ def federation_config(app_dir: Path, overrides: str | None = None, **options: An
 
     Flower 1.25's ``--federation-config`` replaces the whole ``options`` table when given any
     ``options.*`` key, so ``"options.num-supernodes=1000"`` alone would silently drop
-    ``client-resources`` and ``init-args``; ``app_config.federation_override`` restates every key.
+    ``client-resources`` and ``init-args``; ``pyproject.federation_override`` restates every key.
     ``overrides`` is ``--federation-config`` text (``"options.backend.client-resources.num-cpus=2"``).
     """
-    from fedcifar_app.app_config import federation_override, parse_overrides
+    from fedcifar_app.pyproject import federation_override, parse_overrides
 
     changes = {key.removeprefix("options."): value for key, value in parse_overrides(overrides or "").items()}
     changes.update(options)

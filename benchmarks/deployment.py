@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 POLL_S = 0.25
 IDLE_WINDOW_S = 15.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-CLIENTAPP_IMPORTS = "import flwr.supernode.cli, fedcifar_app.client_app"  # what `flwr-clientapp` loads per message
+CLIENTAPP_IMPORTS = "import flwr.supernode.cli, fedcifar_app.client.app"  # what `flwr-clientapp` loads per message
 
 
 def load_average() -> list[float]:

@@ -27,7 +27,8 @@ import tomli
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT))  # run as a script from anywhere: the app beside this folder
 
-from fedcifar_app import app_config, compare  # noqa: E402
+from fedcifar_app import pyproject  # noqa: E402
+from fedcifar_app.runs import compare  # noqa: E402
 
 FLWR = Path(sys.executable).parent / "flwr"
 
@@ -35,7 +36,7 @@ FLWR = Path(sys.executable).parent / "flwr"
 def run_config_for(conf: Path, dataset: str, seed: int, output_dir: Path, rounds: int | None, nodes: int) -> dict:
     """The conf file's keys with this run's dataset, seed and output folder (and the smoke-run sizes)."""
     with conf.open("rb") as handle:
-        values = app_config.flatten_dict(tomli.load(handle))
+        values = pyproject.flatten_dict(tomli.load(handle))
     local = Path(dataset).expanduser()
     values["dataset"] = str(local.resolve()) if local.exists() else dataset
     values.update({"seed": seed, "output-dir": str(output_dir)})
@@ -51,9 +52,9 @@ def run_one(values: dict, nodes: int, timeout: float) -> tuple[Path | None, floa
     output_dir = Path(values["output-dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     before = set(output_dir.iterdir())
-    command = [str(FLWR), "run", ".", "--run-config", app_config.format_overrides(values)]
+    command = [str(FLWR), "run", ".", "--run-config", pyproject.format_overrides(values)]
     if nodes != 10:
-        command += ["--federation-config", app_config.federation_override(PROJECT, num_supernodes=nodes)]
+        command += ["--federation-config", pyproject.federation_override(PROJECT, num_supernodes=nodes)]
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=PROJECT, start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:

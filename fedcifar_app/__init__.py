@@ -1,13 +1,22 @@
 """fedcifar_app: federated CIFAR-10 with Flower and PyTorch.
 
-Where each concern lives (the README's "Project layout" has the full tree):
-config (the run config), data (datasets, decode cache, partitions), model, training
-(Flower-free loops), client_app / server_app (the two thin Flower apps; they import no torch),
-node_job / server_run (what each does, imported when a run starts), strategy (the hooks any
-Flower strategy gets here), strategies (run config -> Flower strategy and DP wrapper), privacy
-(the epsilon accountant), metrics (one round's row), results (the run folder), files (atomic
-writes), plots, board (TensorBoard scalars), compare (runs side by side), compat (the few Flower
-internals we touch), deploy (SuperLink and SuperNodes), centralized (the non-federated baseline).
+Where each concern lives (docs/architecture.md has the full map):
+
+- client/   what runs on a node: the ClientApp entry, a node's job for one message, torch threads
+- server/   what runs in the ServerApp: the entry, the run, the data check, this app's hooks on any
+            Flower strategy, building the strategy, the privacy accountant, stopping
+- runs/     the run folder: files, checkpoint, recorder, status.json, run.log, metrics, plots,
+            TensorBoard scalars, fedcifar-compare
+- data/     datasets, the decode-once cache, partitions, one node's splits
+- deploy/   fedcifar-deploy: SuperLink and SuperNodes on one or several machines
+- the core beside them: config (the run config, validated once), errors (every error a user can act
+  on), model, training (Flower-free loops), files (atomic writes), pyproject (pyproject.toml and
+  --run-config text), compat (the Flower internals we touch), procfs, logs, seeds, centralized
 """
 
-__version__ = "1.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("fedcifar-app")  # pyproject.toml's [project] version, the one source
+except PackageNotFoundError:  # running from a FAB or a source tree that pip did not install
+    __version__ = "unknown"

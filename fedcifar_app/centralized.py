@@ -23,8 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .app_config import UsageError, app_run_config, parse_overrides
-from .config import ConfigError, NodeData, RunConfig
+from .config import NodeData, RunConfig
+from .errors import ConfigError, UsageError
+from .pyproject import app_run_config, parse_overrides
 
 PROG = "fedcifar-centralized"
 
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: one error line and exit status 2 for a bad setting, no traceback."""
-    from .data import DataError
+    from .errors import DataError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A run-config or node-config value that cannot be used; the message says the fix."""
+from .errors import ConfigError
 
 
 class Partitioner(str, enum.Enum):

@@ -1,11 +1,24 @@
-"""Errors a user can act on. Each message names the problem and the fix in one line; the
-ServerApp prints it as the run's single ERROR line and records it in status.json."""
+"""Every error a user can act on, in one place. Each message names the problem and the fix in one
+line; the ServerApp prints it as the run's single ERROR line and records it in status.json, and the
+console scripts print it as ``<prog>: error: <message>`` with exit status 2. Torch-free, Flower-free."""
 
 from __future__ import annotations
 
 
+class ConfigError(ValueError):
+    """A run-config or node-config value that cannot be used."""
+
+
+class UsageError(ValueError):
+    """A command line or pyproject.toml that cannot be used."""
+
+
 class DataError(ValueError):
-    """Data that cannot be used; the message names the file or key and the fix."""
+    """Data that cannot be used; the message names the file or key."""
+
+
+class DeployError(RuntimeError):
+    """A deployment step that failed (fedcifar-deploy): what went wrong and which log to read."""
 
 
 class RunAborted(RuntimeError):
@@ -19,3 +32,11 @@ class TrainingDiverged(RunAborted):
 class RunStopped(Exception):
     """Someone stopped the run (Ctrl-C, SIGTERM, `flwr stop`); the message says who. Not a failure:
     status "stopped" was recorded when the stop came, and the last finished round can be resumed."""
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """``err``'s message cut to its first non-empty line (its type name when it has none), for a
+    one-line report of a third-party exception whose text may run over many lines."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

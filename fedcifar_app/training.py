@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import ConfigError, DeviceChoice
+from .config import DeviceChoice
 from .data import ImageTensors, normalize
+from .errors import ConfigError
 
 EVAL_BATCH_SIZE = 512  # evaluation keeps no activations for backward, so big batches are cheap
 

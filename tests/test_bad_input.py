@@ -18,12 +18,15 @@ import torch
 from conftest import SMALL_NODES, encode_image, federation_override, make_parquet_dataset, run_flwr, write_parquet_split
 from support.inprocess import run_inprocess
 
-from fedcifar_app.app_config import parse_overrides
-from fedcifar_app.config import ConfigError, DeviceChoice, NodeData, RunConfig
-from fedcifar_app.data import DataError, check_dataset, load_node_data, load_split
+from fedcifar_app.config import DeviceChoice, NodeData, RunConfig
+from fedcifar_app.data import check_dataset, load_node_data, load_split
+from fedcifar_app.errors import ConfigError, DataError, RunAborted
 from fedcifar_app.model import new_model
-from fedcifar_app.results import Checkpoint, RunRecorder, create_run_folder
-from fedcifar_app.strategy import RunAborted, wait_for_nodes
+from fedcifar_app.pyproject import parse_overrides
+from fedcifar_app.runs.checkpoint import Checkpoint
+from fedcifar_app.runs.folder import create_run_folder
+from fedcifar_app.runs.recorder import RunRecorder
+from fedcifar_app.server.hooks import wait_for_nodes
 from fedcifar_app.training import pick_device
 
 USER_ERRORS = (ConfigError, DataError, RunAborted)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from tensorboardX.proto.event_pb2 import Event
 
-from fedcifar_app.board import ScalarBoard
-from fedcifar_app.metrics import RoundRow
+from fedcifar_app.logs import APP_LOGGER
+from fedcifar_app.runs.board import ScalarBoard
+from fedcifar_app.runs.metrics import RoundRow
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
@@ -41,7 +42,7 @@ def test_a_writer_that_cannot_write_is_one_warning_and_the_run_goes_on(tmp_path,
     blocked = tmp_path / "a-file"
     blocked.write_text("not a folder")
     board = ScalarBoard(blocked)
-    with caplog.at_level(logging.WARNING, logger="flwr.fedcifar_app"):
+    with caplog.at_level(logging.WARNING, logger=APP_LOGGER):
         board.add_row(RoundRow(round=0, central_accuracy=0.1))
         board.add_row(RoundRow(round=1, central_accuracy=0.2))
         board.close()

@@ -11,8 +11,9 @@ import pytest
 from support.flwr_run import BIN, PROJECT
 
 from fedcifar_app import centralized
-from fedcifar_app.app_config import app_run_config, parse_overrides
-from fedcifar_app.config import ConfigError, RunConfig
+from fedcifar_app.config import RunConfig
+from fedcifar_app.errors import ConfigError
+from fedcifar_app.pyproject import app_run_config, parse_overrides
 
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)  train-loss [\d.]+  validation loss ([\d.]+)  accuracy ([\d.]+)", re.M)
 TEST_LINE = re.compile(r"^Final test set performance: loss ([\d.]+), accuracy ([\d.]+)$", re.M)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedcifar_app import compare, plots
-from fedcifar_app.metrics import RoundRow, rows_to_json
+from fedcifar_app.runs import compare, plots
+from fedcifar_app.runs.metrics import RoundRow, rows_to_json
 
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's C0 and C1: the first two groups
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import PROJECT
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
-from fedcifar_app import app_config
+from fedcifar_app import pyproject
 from fedcifar_app.config import RunConfig
 
 CONF_FILES = sorted((PROJECT / "conf").glob("*.toml"))
@@ -49,8 +49,8 @@ def test_the_study_passes_each_file_as_one_valid_run_config_string(path: Path, t
     local = tmp_path / "cifar10"
     local.mkdir()
     values = study.run_config_for(path, str(local), 3, tmp_path / "runs", rounds=None, nodes=10)
-    text = app_config.format_overrides(values)  # what `flwr run . --run-config` receives
-    parsed = app_config.parse_overrides(text)
+    text = pyproject.format_overrides(values)  # what `flwr run . --run-config` receives
+    parsed = pyproject.parse_overrides(text)
     assert parsed["dataset"] == str(local.resolve()) and parsed["seed"] == 3  # absolute: flwr's cwd is the app
     assert {key: parsed[key] for key in parse_config_args([str(path)])} == parse_config_args([str(path)])
     RunConfig.from_run_config(get_fused_config_from_dir(PROJECT, parsed))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import PROJECT
 
-from fedcifar_app.app_config import app_run_config
-from fedcifar_app.config import ConfigError, NodeData, Partitioner, RunConfig
+from fedcifar_app.config import NodeData, Partitioner, RunConfig
+from fedcifar_app.errors import ConfigError
+from fedcifar_app.pyproject import app_run_config
 
 
 def pyproject_run_config() -> dict:

@@ -10,7 +10,6 @@ from support.datasets import encode_image, make_parquet_dataset, write_parquet_s
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.data import (
     CIFAR10_CLASSES,
-    DataError,
     FolderKind,
     LocalFolder,
     class_names,
@@ -18,6 +17,7 @@ from fedcifar_app.data import (
     load_split,
     resolve_source,
 )
+from fedcifar_app.errors import DataError
 
 
 def rows_of(split) -> set[bytes]:

@@ -33,6 +33,7 @@ from support.flwr_run import BIN, PROJECT
 from fedcifar_app import data
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.data import decoding, node_data, partitions
+from fedcifar_app.errors import DataError
 
 # torchvision 0.29 deprecates its decoders on every call (data/decoding.py filters it; pytest resets filters).
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -91,11 +92,11 @@ def test_chunked_threaded_decode_matches_pil_and_names_the_bad_row(monkeypatch: 
 
     broken = list(encoded)
     broken[23] = b"\xff\xd8 not really a jpeg"
-    with pytest.raises(data.DataError, match=r"here: row 23 is not a readable image"):
+    with pytest.raises(DataError, match=r"here: row 23 is not a readable image"):
         data.decode_images(broken, "here")
     wrong_size = list(encoded)
     wrong_size[31] = encode_image(np.zeros((16, 24, 3), np.uint8))
-    with pytest.raises(data.DataError, match=r"here: row 31 is a 16x24 image with 3 channel\(s\)"):
+    with pytest.raises(DataError, match=r"here: row 31 is a 16x24 image with 3 channel\(s\)"):
         data.decode_images(wrong_size, "here")
 
 
@@ -384,7 +385,7 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line_naming_it_and_the_fix
     blocker.write_text("a file where the cache folder's parent should be")
     monkeypatch.setenv("FEDCIFAR_CACHE_DIR", str(blocker / "cache"))
     data.reset_process_caches()
-    with pytest.raises(data.DataError) as caught:
+    with pytest.raises(DataError) as caught:
         data.load_split(dataset.name, "test")
     message = str(caught.value)
     assert "\n" not in message and str(blocker / "cache") in message and "FEDCIFAR_CACHE_DIR" in message

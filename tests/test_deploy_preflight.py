@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from fedcifar_app.deploy.certificates import TlsFiles, ensure_node_key, ensure_tls_files
-from fedcifar_app.deploy.errors import DeployError
 from fedcifar_app.deploy.preflight import check_superlink
 from fedcifar_app.deploy.roles import SuperNodeOptions, remember_registered_key
+from fedcifar_app.errors import DeployError
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ from fedcifar_app.deploy.commands import (
     supernode_command,
     supernode_thread_environment,
 )
-from fedcifar_app.deploy.errors import DeployError
 from fedcifar_app.deploy.flwr_cli import CONTROL_FEDERATION, write_control_project
 from fedcifar_app.deploy.orchestration import (
     UpOptions,
@@ -45,14 +44,14 @@ from fedcifar_app.deploy.processes import (
     check_ports_free,
     live_session_members,
     log_hint,
-    parse_proc_stat,
-    process_start_ticks,
     split_address,
     start_process,
     stop_processes,
     wait_until_ready,
 )
 from fedcifar_app.deploy.state import DeploymentState, ManagedProcess, load_state, save_state, state_path
+from fedcifar_app.errors import DeployError
+from fedcifar_app.procfs import parse_proc_stat, process_start
 
 PORTS = SuperLinkPorts(9091, 9092, 9093)
 
@@ -307,7 +306,7 @@ def test_control_project_names_this_superlink(tmp_path: Path) -> None:
 def test_parse_proc_stat_survives_odd_command_names() -> None:
     fields = " ".join(["S", "1", "77", "88"] + ["0"] * 15 + ["4242", "0"])
     parsed = parse_proc_stat(f"123 (a) b (c)) {fields}")
-    assert parsed == ("S", 77, 88, 4242) and parsed.session == 88
+    assert parsed == ("S", 1, 77, 88, 4242) and parsed.session == 88 and parsed.parent == 1
 
 
 def test_split_address() -> None:
@@ -322,7 +321,7 @@ def test_session_supervision_finds_and_stops_a_process_group(tmp_path: Path) -> 
     command = ["/bin/sh", "-c", "sleep 60 & exec sleep 60"]
     process = start_process("sleeper", command, tmp_path / "sleeper.log", tmp_path, dict(os.environ))
     try:
-        record = ManagedProcess("sleeper", process.pid, process_start_ticks(process.pid), "", command)
+        record = ManagedProcess("sleeper", process.pid, process_start(process.pid), "", command)
         wait_until_ready(
             [ReadinessCheck("sleeper", process, tmp_path / "x", lambda: len(live_session_members(record)) == 2, "")],
             10,

@@ -10,18 +10,14 @@ from unittest import mock
 import pytest
 import torch
 
-from fedcifar_app.config import ConfigError, RunConfig
+from fedcifar_app.config import RunConfig
+from fedcifar_app.errors import ConfigError
 from fedcifar_app.files import atomic_write_json
-from fedcifar_app.metrics import RoundRow, rows_to_json, summary_table
 from fedcifar_app.model import new_model
-from fedcifar_app.results import (
-    CHECKPOINT,
-    RUN_FOLDER_FORMAT,
-    Checkpoint,
-    RunRecorder,
-    create_run_folder,
-    read_rows,
-)
+from fedcifar_app.runs.checkpoint import Checkpoint
+from fedcifar_app.runs.folder import CHECKPOINT, RUN_FOLDER_FORMAT, create_run_folder, read_rows
+from fedcifar_app.runs.metrics import RoundRow, rows_to_json, summary_table
+from fedcifar_app.runs.recorder import RunRecorder
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path):

@@ -1,10 +1,10 @@
-"""The README's "On several machines" section, run across Linux network namespaces.
+"""docs/deployment.md's "On several machines" section, run across Linux network namespaces.
 
 One namespace per machine: the SuperLink host, three SuperNode hosts (each with its own
 data folder), an unregistered SuperNode host and the user's machine running `flwr`,
 joined by a bridge with addresses in 10.201.7.0/24 that exist only inside namespaces this
 test creates (tests/support/netns.py). Nothing else is ever contacted. The commands are the
-README's own (checked verbatim), with the README's example names replaced by the test's.
+page's own (checked verbatim), with the page's example names replaced by the test's.
 Every namespace, link and process is removed at the end, also when the test fails.
 """
 
@@ -33,9 +33,9 @@ from fedcifar_app.deploy.processes import ANSI_ESCAPE
 
 pytestmark = pytest.mark.slow
 
-README = (PROJECT / "README.md").read_text(encoding="utf-8")
+DEPLOYMENT_DOC = (PROJECT / "docs" / "deployment.md").read_text(encoding="utf-8")
 EXAMPLE_CA = "/home/me/ca.crt"
-# The README's commands, in the order a user types them (the test fills in its own names).
+# The page's commands, in the order a user types them (the test fills in its own names).
 SUPERLINK = "fedcifar-deploy superlink --public-name superlink.example.org --dir /srv/fedcifar/deploy"
 KEY = "fedcifar-deploy key supernode.key"
 REGISTER = "fedcifar-deploy register supernode.key.pub --dir /srv/fedcifar/deploy"
@@ -50,20 +50,20 @@ RUN = (
 )
 DOWN_SUPERLINK = "fedcifar-deploy down --dir /srv/fedcifar/deploy"
 DOWN_SUPERNODE = "fedcifar-deploy down"
-README_COMMANDS = (SUPERLINK, KEY, REGISTER, CHECK, SUPERNODE, RUN, DOWN_SUPERLINK, DOWN_SUPERNODE)
+DOC_COMMANDS = (SUPERLINK, KEY, REGISTER, CHECK, SUPERNODE, RUN, DOWN_SUPERLINK, DOWN_SUPERNODE)
 NODES = ("site-a", "site-b", "site-c")
 FAILURE_LINE = re.compile(r"WARNING\s*:\s+round (\d+) (train|evaluate): node (.+?) failed: (.*)")
 
 
-def test_readme_shows_these_commands() -> None:
-    """The commands this test runs are the README's, word for word (multi-line blocks joined)."""
-    flat = " ".join(README.replace("\\\n", " ").split())
-    for command in README_COMMANDS:
-        assert " ".join(command.split()) in flat, f"README lacks: {command}"
+def test_deployment_doc_shows_these_commands() -> None:
+    """The commands this test runs are docs/deployment.md's, word for word (multi-line blocks joined)."""
+    flat = " ".join(DEPLOYMENT_DOC.replace("\\\n", " ").split())
+    for command in DOC_COMMANDS:
+        assert " ".join(command.split()) in flat, f"docs/deployment.md lacks: {command}"
 
 
 class Hosts:
-    """The machines of the README's section, as namespaces, and a way to type commands on each."""
+    """The machines of the page's section, as namespaces, and a way to type commands on each."""
 
     def __init__(self, root: Path, network: Network):
         self.root = root
@@ -85,7 +85,7 @@ class Hosts:
         self.background: list[subprocess.Popen] = []
 
     def words(self, command: str, node: str = "site-a") -> list[str]:
-        """The README command with the test's names, as argv (fedcifar-deploy via this interpreter)."""
+        """The page's command with the test's names, as argv (fedcifar-deploy via this interpreter)."""
         replacements = {
             "superlink.example.org": self.superlink_ip,
             "/srv/fedcifar/deploy": str(self.folders["superlink"] / "deploy"),
@@ -121,7 +121,7 @@ class Hosts:
         )
 
     def typed(self, host: str, command: str, node: str = "site-a", *, ok: bool = True) -> subprocess.CompletedProcess:
-        """A README command typed on `host`; by default it must succeed."""
+        """A command of the page typed on `host`; by default it must succeed."""
         result = self.on(host, self.words(command, node))
         if ok:
             assert result.returncode == 0, f"{host}: {command}\n{result.stdout}\n{result.stderr}"

@@ -32,11 +32,17 @@ import pytest
 import torch
 from support.flwr_run import FlwrRun, flwr_environment, small_federation
 
-from fedcifar_app import plots, results
 from fedcifar_app.config import RunConfig
 from fedcifar_app.data import ImageTensors
-from fedcifar_app.metrics import RoundRow, rows_to_json
+from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import Net
+from fedcifar_app.runs import plots
+from fedcifar_app.runs import recorder as recorder_module
+from fedcifar_app.runs.checkpoint import Checkpoint
+from fedcifar_app.runs.folder import BEST_MODEL, CHECKPOINT, CONFIG, FINAL_MODEL, METRICS
+from fedcifar_app.runs.metrics import RoundRow, rows_to_json
+from fedcifar_app.runs.recorder import RunRecorder
+from fedcifar_app.runs.status import STATUS, read_status
 
 NUM_ROUNDS = 4
 KILL_AFTER_ROUND = 2
@@ -73,9 +79,9 @@ def read_json(path: Path):
 
 def completed(folder: Path, run: FlwrRun) -> list[dict]:
     """The run's rows, after checking status.json says it completed."""
-    status = read_json(folder / results.STATUS)
+    status = read_json(folder / STATUS)
     assert status["status"] == "completed", f"{folder}: {status}; log tail:\n{run.log_tail()}"
-    return read_json(folder / results.METRICS)
+    return read_json(folder / METRICS)
 
 
 def by_round(rows: list[dict]) -> dict[int, dict]:
@@ -170,9 +176,9 @@ def test_uninterrupted_run_records_every_round(uninterrupted):
     accuracies = [row["central-accuracy"] for row in rows]
     assert len(set(accuracies)) == len(accuracies), accuracies
     assert accuracies[-1] < 0.99, f"synthetic data saturates; the tolerance checks are weak: {accuracies}"
-    for name in (results.CONFIG, results.CHECKPOINT, results.FINAL_MODEL, results.BEST_MODEL):
+    for name in (CONFIG, CHECKPOINT, FINAL_MODEL, BEST_MODEL):
         assert (folder / name).is_file(), name
-    assert read_json(folder / results.CONFIG)["num-server-rounds"] == NUM_ROUNDS
+    assert read_json(folder / CONFIG)["num-server-rounds"] == NUM_ROUNDS
 
 
 @pytest.mark.slow
@@ -180,7 +186,7 @@ def test_same_config_gives_the_same_rounds(uninterrupted, killed):
     """Two independent runs of one config agree round by round (the killed run, up to its kill)."""
     reference = by_round(completed(*uninterrupted))
     killed_folder, _ = killed
-    rows = read_json(killed_folder / results.METRICS)
+    rows = read_json(killed_folder / METRICS)
     assert [row["round"] for row in rows][: KILL_AFTER_ROUND + 1] == list(range(KILL_AFTER_ROUND + 1))
     for row in rows:
         assert_same_numbers(row, reference[row["round"]])
@@ -191,16 +197,16 @@ def test_same_config_gives_the_same_rounds(uninterrupted, killed):
 @pytest.mark.slow
 def test_killed_run_leaves_a_loadable_checkpoint(killed):
     folder, _ = killed
-    raw = torch.load(folder / results.CHECKPOINT, map_location="cpu", weights_only=True)
-    checkpoint = results.Checkpoint.load(folder)
+    raw = torch.load(folder / CHECKPOINT, map_location="cpu", weights_only=True)
+    checkpoint = Checkpoint.load(folder)
     assert checkpoint.round == raw["round"] >= KILL_AFTER_ROUND
     assert [row.round for row in checkpoint.rows] == list(range(checkpoint.round + 1))
     Net().load_state_dict(checkpoint.weights)
     # Nobody got to say it ended: the status stays "running" and there is no final model...
-    assert read_json(folder / results.STATUS)["status"] == "running"
-    assert not (folder / results.FINAL_MODEL).exists()
+    assert read_json(folder / STATUS)["status"] == "running"
+    assert not (folder / FINAL_MODEL).exists()
     # ...but a reader sees that the process that wrote it is gone.
-    status = results.read_status(folder)
+    status = read_status(folder)
     assert status.state == "interrupted", status
     assert f"process {status.pid}" in status.why and "gone" in status.why, status.why
 
@@ -209,8 +215,8 @@ def test_killed_run_leaves_a_loadable_checkpoint(killed):
 def test_resume_continues_where_the_kill_stopped(uninterrupted, killed, resumed):
     reference = by_round(completed(*uninterrupted))
     killed_folder, _ = killed
-    killed_round = results.Checkpoint.load(killed_folder).round
-    killed_rows = rows_to_json(results.Checkpoint.load(killed_folder).rows)
+    killed_round = Checkpoint.load(killed_folder).round
+    killed_rows = rows_to_json(Checkpoint.load(killed_folder).rows)
     folder, run = resumed
     assert folder != killed_folder
     rows = completed(folder, run)
@@ -218,10 +224,10 @@ def test_resume_continues_where_the_kill_stopped(uninterrupted, killed, resumed)
     assert rows[: killed_round + 1] == killed_rows, "the killed run's rounds are carried over unchanged"
     for row in rows[killed_round + 1 :]:
         assert_same_numbers(row, reference[row["round"]])
-    config = read_json(folder / results.CONFIG)
+    config = read_json(folder / CONFIG)
     assert Path(config["resume-from"]).resolve() == killed_folder.resolve()
-    assert (folder / results.FINAL_MODEL).is_file()
-    assert results.Checkpoint.load(folder).round == NUM_ROUNDS
+    assert (folder / FINAL_MODEL).is_file()
+    assert Checkpoint.load(folder).round == NUM_ROUNDS
 
 
 @pytest.mark.slow
@@ -296,18 +302,18 @@ def test_plot_failure_does_not_fail_the_round(tmp_path, monkeypatch, caplog):
     def broken(*_args, **_kwargs):
         raise RuntimeError("no fonts today")
 
-    monkeypatch.setattr(results, "write_curves", broken)
-    recorder = results.RunRecorder.start(tmp_path, RunConfig(), None)
-    with caplog.at_level(logging.WARNING, logger="flwr.fedcifar_app"):
+    monkeypatch.setattr(recorder_module, "write_curves", broken)
+    recorder = RunRecorder.start(tmp_path, RunConfig(), None)
+    with caplog.at_level(logging.WARNING, logger=APP_LOGGER):
         recorder.finish_round(0, 2.3, 0.1, Net().state_dict())
     assert "could not write curves.png (RuntimeError: no fonts today)" in caplog.text
-    assert read_json(tmp_path / results.METRICS)[0]["round"] == 0
-    assert results.Checkpoint.load(tmp_path).round == 0
+    assert read_json(tmp_path / METRICS)[0]["round"] == 0
+    assert Checkpoint.load(tmp_path).round == 0
     assert not (tmp_path / plots.CURVES).exists()
 
 
 def test_curves_refresh_every_round(tmp_path):
-    recorder = results.RunRecorder.start(tmp_path, RunConfig(), None)
+    recorder = RunRecorder.start(tmp_path, RunConfig(), None)
     recorder.finish_round(0, 2.3, 0.1, Net().state_dict())
     first = (tmp_path / plots.CURVES).read_bytes()
     recorder.add_client_metrics({"eval-accuracy": 0.3, "eval-loss": 2.0, "train-loss": 2.1})

@@ -19,14 +19,14 @@ from fedcifar_app.data import load_split
 from fedcifar_app.errors import RunAborted
 from fedcifar_app.model import new_model
 from fedcifar_app.seeds import derive_seed
-from fedcifar_app.server_run import SIMULATION_DATA_CHECK_NODES, check_node_data
+from fedcifar_app.server.data_check import SIMULATION_DATA_CHECK_NODES, check_node_data
 
 
 def test_loading_the_two_apps_imports_no_torch():
     """flower-simulation loads both apps under one lock, then starts Ray: torch imported while loading
     them would hold Ray back. The ServerApp imports it when its run starts, a node with its first message."""
     probe = (
-        "import sys, fedcifar_app.server_app, fedcifar_app.client_app; "
+        "import sys, fedcifar_app.server.app, fedcifar_app.client.app; "
         "print(sorted(m for m in ('torch', 'torchvision', 'matplotlib') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT, capture_output=True, text=True, check=True)

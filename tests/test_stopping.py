@@ -25,13 +25,17 @@ from conftest import SMALL_FEDERATION, SMALL_NODES
 from support.deployment import LocalDeployment
 from support.flwr_run import FlwrRun, flwr_environment
 
-from fedcifar_app import results
-from fedcifar_app.app_config import parse_overrides
-from fedcifar_app.config import ConfigError, RunConfig
-from fedcifar_app.deploy.processes import session_members
+from fedcifar_app.config import RunConfig
+from fedcifar_app.errors import ConfigError
 from fedcifar_app.model import Net
-from fedcifar_app.server_run import load_resumed
-from fedcifar_app.stopping import resume_command
+from fedcifar_app.procfs import session_members
+from fedcifar_app.pyproject import parse_overrides
+from fedcifar_app.runs.checkpoint import Checkpoint
+from fedcifar_app.runs.folder import METRICS
+from fedcifar_app.runs.recorder import RunRecorder
+from fedcifar_app.runs.status import STATUS, RunStatus, read_status, write_status
+from fedcifar_app.server.run import load_resumed
+from fedcifar_app.server.stopping import resume_command
 
 PLANNED_ROUNDS = 6
 STOP_WITHIN_S = 15
@@ -73,14 +77,14 @@ def signal_after_round(tmp_path: Path, signum: int, after_round: int, *, group: 
 def assert_stopped(folder: Path, gone_after: float, output: str, *, log_line: bool) -> list[int]:
     """The run stopped after its last checkpoint, within STOP_WITHIN_S, with the resume command in
     status.json and, where run.log has the line (``log_line``: it must, exactly once), the same there."""
-    status = results.read_status(folder)
+    status = read_status(folder)
     assert status.state == "stopped", f"{status.raw}\n{output[-3000:]}"
-    checkpoint = results.Checkpoint.load(folder)
+    checkpoint = Checkpoint.load(folder)
     assert f"after round {checkpoint.round} of {PLANNED_ROUNDS}" in status.reason or (
         f"after round {checkpoint.round - 1} of" in status.reason  # the stop came while the checkpoint was written
     ), status.reason
     assert gone_after <= STOP_WITHIN_S, f"the run took {gone_after:.1f}s to end"
-    rounds = [row["round"] for row in json.loads((folder / results.METRICS).read_text())]
+    rounds = [row["round"] for row in json.loads((folder / METRICS).read_text())]
     assert rounds == list(range(len(rounds))) and rounds[-1] < PLANNED_ROUNDS, rounds
     command = status.raw.get("resume-command")
     assert command and command.startswith("flwr run "), status.raw
@@ -101,7 +105,7 @@ def test_ctrl_c_stops_the_run_and_the_printed_command_resumes_it(tmp_path):
     one resume line; that exact command (on the same small federation) finishes rounds 2..6, each once."""
     folder, gone_after, output = signal_after_round(tmp_path, signal.SIGINT, after_round=1)
     rounds = assert_stopped(folder, gone_after, output, log_line=True)
-    assert "Ctrl-C" in results.read_status(folder).reason
+    assert "Ctrl-C" in read_status(folder).reason
 
     printed = RESUME_LINE.findall((folder / "run.log").read_text())[0]
     assert printed in output, "the resume line is printed where the user typed the command"
@@ -118,11 +122,11 @@ def test_ctrl_c_stops_the_run_and_the_printed_command_resumes_it(tmp_path):
     resume.start().wait(RUN_TIMEOUT_S)
     resumed = resume.folder
     assert resumed is not None and resumed != folder, resumed
-    status = results.read_status(resumed)
+    status = read_status(resumed)
     assert status.state == "completed", f"{status.raw}\n{resume.log_tail()}"
     rows = [row["round"] for row in resume.metrics]
     assert rows == list(range(PLANNED_ROUNDS + 1)), f"each round once: {rows} (stopped run had {rounds})"
-    assert results.read_status(folder).state == "stopped", "resuming leaves the stopped folder as it was"
+    assert read_status(folder).state == "stopped", "resuming leaves the stopped folder as it was"
 
 
 @pytest.mark.slow
@@ -139,12 +143,12 @@ def test_sigterm_to_flwr_alone_stops_the_run_like_ctrl_c(tmp_path):
 
 def write_running(folder: Path, **fields) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    results.write_status(folder, "running", **fields)
+    write_status(folder, "running", **fields)
     return folder
 
 
 def test_live_run_on_this_host_reads_running(tmp_path):
-    status = results.read_status(write_running(tmp_path / "run"))
+    status = read_status(write_running(tmp_path / "run"))
     assert (status.state, status.pid, status.host) == ("running", os.getpid(), socket.gethostname())
 
 
@@ -152,10 +156,10 @@ def test_dead_process_on_this_host_reads_interrupted(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     folder = write_running(tmp_path / "run")
-    raw = json.loads((folder / results.STATUS).read_text())
+    raw = json.loads((folder / STATUS).read_text())
     raw.update(pid=child.pid, **{"process-start": 1})
-    (folder / results.STATUS).write_text(json.dumps(raw))
-    status = results.read_status(folder)
+    (folder / STATUS).write_text(json.dumps(raw))
+    status = read_status(folder)
     assert status.state == "interrupted" and status.recorded == "running", status
     assert str(child.pid) in status.why
 
@@ -163,23 +167,23 @@ def test_dead_process_on_this_host_reads_interrupted(tmp_path):
 def test_reused_pid_reads_interrupted(tmp_path):
     """Our own (live) pid, but recorded with another start time: the writer is not this process."""
     folder = write_running(tmp_path / "run")
-    raw = json.loads((folder / results.STATUS).read_text())
+    raw = json.loads((folder / STATUS).read_text())
     raw["process-start"] -= 1
-    (folder / results.STATUS).write_text(json.dumps(raw))
-    status = results.read_status(folder)
+    (folder / STATUS).write_text(json.dumps(raw))
+    status = read_status(folder)
     assert status.state == "interrupted" and "another process" in status.why, status
 
 
 def test_reboot_reads_interrupted(tmp_path):
     folder = write_running(tmp_path / "run", **{"boot-id": "another-boot"})
-    assert results.read_status(folder).state == "interrupted"
+    assert read_status(folder).state == "interrupted"
 
 
 @pytest.mark.parametrize(("age_s", "state"), [(100.0, "running"), (2000.0, "interrupted")])
 def test_other_host_is_judged_by_its_last_update(tmp_path, age_s, state):
     folder = write_running(tmp_path / "run", host="another-host", **{"stale-after-s": 1500.0})
-    updated = results.read_status(folder).updated.timestamp()
-    status = results.read_status(folder, now=updated + age_s)
+    updated = read_status(folder).updated.timestamp()
+    status = read_status(folder, now=updated + age_s)
     assert status.state == state, status
     if state == "interrupted":
         assert "another-host" in status.why and "1500" in status.why
@@ -189,19 +193,17 @@ def test_finished_states_are_kept_and_a_missing_status_is_interrupted(tmp_path):
     for state in ("completed", "failed", "stopped"):
         folder = tmp_path / state
         folder.mkdir()
-        results.write_status(folder, state, "why")
-        assert results.read_status(folder).state == state
-    assert results.read_status(tmp_path / "empty").state == "interrupted"
+        write_status(folder, state, "why")
+        assert read_status(folder).state == state
+    assert read_status(tmp_path / "empty").state == "interrupted"
 
 
 def test_first_format_status_without_process_fields(tmp_path):
     """Run folders written before status.json named its process: judged by age, naive local time."""
     folder = tmp_path / "old"
     folder.mkdir()
-    (folder / results.STATUS).write_text(
-        json.dumps({"status": "running", "reason": "", "updated": "2020-01-01T00:00:00"})
-    )
-    assert results.read_status(folder).state == "interrupted"
+    (folder / STATUS).write_text(json.dumps({"status": "running", "reason": "", "updated": "2020-01-01T00:00:00"}))
+    assert read_status(folder).state == "interrupted"
 
 
 # --------------------------------------------------------------------------- resume
@@ -227,7 +229,7 @@ def test_resume_refuses_a_run_that_still_runs(tmp_path):
     """status.json says running and its process (this one) is alive: two runs must not share a checkpoint."""
     folder = tmp_path / "run"
     folder.mkdir()
-    recorder = results.RunRecorder.start(folder, RunConfig.from_run_config(SYNTHETIC_3), None)
+    recorder = RunRecorder.start(folder, RunConfig.from_run_config(SYNTHETIC_3), None)
     recorder.finish_round(0, 2.3, 0.1, Net().state_dict())
     resume = RunConfig.from_run_config({**SYNTHETIC_3, "resume-from": str(folder)})
     with pytest.raises(ConfigError, match="is still running"):
@@ -239,11 +241,11 @@ def test_resume_refuses_a_run_that_still_runs(tmp_path):
 # --------------------------------------------------------------------------- deployment
 
 
-def wait_for_status(folder: Path, leaving: str, timeout_s: float = 60) -> results.RunStatus:
+def wait_for_status(folder: Path, leaving: str, timeout_s: float = 60) -> RunStatus:
     deadline = time.monotonic() + timeout_s
-    while results.read_status(folder).state == leaving and time.monotonic() < deadline:
+    while read_status(folder).state == leaving and time.monotonic() < deadline:
         time.sleep(0.3)
-    return results.read_status(folder)
+    return read_status(folder)
 
 
 @pytest.fixture
@@ -275,7 +277,7 @@ def test_flwr_stop_and_sigterm_in_deployment_record_stopped(deployment: LocalDep
     def assert_one_resume_line(folder: Path) -> str:
         lines = RESUME_LINE.findall((folder / "run.log").read_text())
         assert len(lines) == 1 and "<federation>" in lines[0], lines
-        assert results.read_status(folder).raw.get("resume-command") == lines[0]
+        assert read_status(folder).raw.get("resume-command") == lines[0]
         return lines[0]
 
     run = start_run(tmp_path / "stopped", after_round=1)
@@ -290,7 +292,7 @@ def test_flwr_stop_and_sigterm_in_deployment_record_stopped(deployment: LocalDep
     assert "resume with: flwr run" in shown.stdout + shown.stderr, (shown.stdout + shown.stderr)[-3000:]
 
     run = start_run(tmp_path / "terminated", after_round=0)
-    os.kill(results.read_status(run.folder).pid, signal.SIGTERM)  # flwr-serverapp, a child of the SuperLink
+    os.kill(read_status(run.folder).pid, signal.SIGTERM)  # flwr-serverapp, a child of the SuperLink
     status = wait_for_status(run.folder, leaving="running")
     assert status.state == "stopped", status.raw
     assert "Flower ended the ServerApp process" in status.reason and "after round" in status.reason, status.reason

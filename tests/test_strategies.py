@@ -22,16 +22,18 @@ from support.inprocess import run_inprocess
 from test_board import read_scalars
 from test_training import small_synthetic
 
-from fedcifar_app import strategies, training
-from fedcifar_app.client_app import client_dp_clipping
+from fedcifar_app import training
+from fedcifar_app.client.app import client_dp_clipping
 from fedcifar_app.compat import MessageType
-from fedcifar_app.config import ConfigError, RunConfig, StrategyName
-from fedcifar_app.metrics import RoundRow
+from fedcifar_app.config import RunConfig, StrategyName
+from fedcifar_app.errors import ConfigError
 from fedcifar_app.model import new_model
-from fedcifar_app.privacy import PrivacyAccountant
-from fedcifar_app.results import CHECKPOINT, FINAL_MODEL
-from fedcifar_app.strategies import build_strategy, nodes_sampled, server_state
-from fedcifar_app.strategy import StrategyHooks
+from fedcifar_app.runs.folder import CHECKPOINT, FINAL_MODEL
+from fedcifar_app.runs.metrics import RoundRow
+from fedcifar_app.server import strategy_builder
+from fedcifar_app.server.hooks import StrategyHooks
+from fedcifar_app.server.privacy import PrivacyAccountant
+from fedcifar_app.server.strategy_builder import build_strategy, nodes_sampled, server_state
 
 CPU = torch.device("cpu")
 SMALL = {"dataset": "synthetic", "min-train-nodes": 3, "min-evaluate-nodes": 2, "min-available-nodes": 3}
@@ -243,7 +245,7 @@ def test_fedadam_resume_restores_the_server_moments(tmp_path, monkeypatch):
     assert status(resumed)["status"] == "completed", status(resumed)
     assert max_difference(whole, resumed) < 1e-6
 
-    monkeypatch.setattr(strategies, "restore_server_state", lambda *args: None)  # the control: moments restart
+    monkeypatch.setattr(strategy_builder, "restore_server_state", lambda *args: None)  # the control: moments restart
     restarted = run(tmp_path / "parts", num_server_rounds=3, resume_from=str(first), **fedadam)
     assert max_difference(whole, restarted) > 1e-4
 

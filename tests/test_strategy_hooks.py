@@ -12,8 +12,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedcifar_app.compat import ErrorCode
 from fedcifar_app.errors import RunAborted, TrainingDiverged
+from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import new_model
-from fedcifar_app.strategy import (
+from fedcifar_app.server.hooks import (
     StrategyHooks,
     check_finite,
     failed_nodes,
@@ -112,7 +113,7 @@ def test_failing_nodes_are_named_once_per_round_and_results_still_aggregate(capl
     sent = sent_to(5, 6, 7)
     strategy.app_hooks.sent = sent
     replies = [trained_reply(sent[0], weights, 1.0), trained_reply(sent[1], weights, 3.0), error_reply(sent[2], "x")]
-    with caplog.at_level(logging.WARNING, logger="flwr.fedcifar_app"):
+    with caplog.at_level(logging.WARNING, logger=APP_LOGGER):
         arrays, metrics = strategy.aggregate_train(1, replies)
         strategy.app_hooks.report_failures(5, "train", replies)  # the same failure again: not repeated
     warnings = [r.getMessage() for r in caplog.records]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fedcifar_app.config import ConfigError
-from fedcifar_app.threads import choose_torch_threads, count_supernodes, threads_per_process
+from fedcifar_app.client.threads import choose_torch_threads, count_supernodes, threads_per_process
+from fedcifar_app.errors import ConfigError
 
 
 def test_threads_per_process_is_a_share_of_at_least_one() -> None:
@@ -57,7 +57,7 @@ def test_size_torch_threads_sets_torch(tmp_path: Path) -> None:
     env = {key: value for key, value in os.environ.items() if key not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     code = (
         "import json, torch\n"
-        "from fedcifar_app.threads import size_torch_threads\n"
+        "from fedcifar_app.client.threads import size_torch_threads\n"
         "before = torch.get_num_threads()\n"
         "print(json.dumps([before, size_torch_threads({'torch-threads': 1}), size_torch_threads({'torch-threads': 2})]))"
     )

@@ -4,7 +4,7 @@ Every image is decoded once per machine, not once per epoch, and memory-mapped a
 node's partition costs one ``index_select`` copy; normalisation happens per batch on the tensor.
 Where each concern lives (imports run one way, top to bottom):
 
-    tensors     ImageTensors, NodeSplits, DataError, normalize: what the package hands out
+    tensors     ImageTensors, NodeSplits, normalize: what the package hands out (its errors are errors.DataError)
     sources     what a ``dataset`` value names (folder kinds, hub id, synthetic) and its split files
     decoding    JPEG/PNG bytes -> uint8 arrays: one buffer, threaded batched decoding
     readers     one split of a source -> checked arrays (parquet via Arrow buffers, image folders, HF)
@@ -32,14 +32,13 @@ from .sources import (
     class_names,
     resolve_source,
 )
-from .tensors import CIFAR10_CLASSES, DataError, ImageTensors, NodeSplits, normalize
+from .tensors import CIFAR10_CLASSES, ImageTensors, NodeSplits, normalize
 
 __all__ = [
     "CACHE_FORMAT",
     "CIFAR10_CLASSES",
     "IMAGE_SUFFIXES",
     "SPLITS",
-    "DataError",
     "DataSource",
     "FolderKind",
     "HubDataset",

@@ -27,15 +27,17 @@ import numpy as np
 import torch
 
 from ..config import SYNTHETIC_DATASET
+from ..errors import DataError, first_line
 from ..files import publish_folder
+from ..logs import APP_LOGGER
 from ..model import IMAGE_SHAPE
 from .decoding import allocate_in_memory
 from .readers import read_split, synthetic_split
 from .sources import DataSource, HubDataset, SyntheticDataset, describe, required_split_files, resolve_source
-from .tensors import DataError, ImageTensors
+from .tensors import ImageTensors
 
 CACHE_FORMAT = 1  # bump when the stored layout changes, so old entries are never misread
-logger = logging.getLogger("flwr.fedcifar_app")
+logger = logging.getLogger(APP_LOGGER)
 
 
 def cache_root() -> Path:
@@ -142,7 +144,7 @@ def _open_entry(entry: Path) -> tuple[np.ndarray, np.ndarray]:
         images = np.load(entry / "images.npy", mmap_mode="c")
         labels = np.load(entry / "labels.npy")
     except (OSError, ValueError, EOFError, KeyError, TypeError) as err:
-        raise _Damaged(f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}") from None
+        raise _Damaged(f"{type(err).__name__}: {first_line(err)}") from None
     if images.dtype != np.uint8 or images.shape != (rows, *IMAGE_SHAPE):
         raise _Damaged(f"images.npy holds {images.dtype} {images.shape}, meta.json says {rows} rows")
     if labels.dtype != np.int64 or labels.shape != (rows,):

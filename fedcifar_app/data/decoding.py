@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError, first_line
 from ..model import IMAGE_SHAPE, NUM_CLASSES
-from .tensors import DataError
 
 DECODE_CHUNK = 2048  # images per decode task: amortises the per-call work, stays in the CPU cache
 DECODE_THREADS_MAX = 4  # the decoders release the GIL; more threads than this gain nothing on 32x32 images
@@ -145,8 +145,7 @@ def _decode_one(piece: torch.Tensor, row: int, rows: RowNames) -> torch.Tensor:
 
 def _reason(err: Exception) -> str:
     """torchvision's message without its C++ location: 'decode_jpeg, .../decode_jpeg.cpp:171, Image is ...'."""
-    first_line = (str(err).splitlines() or [type(err).__name__])[0]
-    return re.sub(r"^.*\.(?:cpp|h):\d+,\s*", "", first_line) or type(err).__name__
+    return re.sub(r"^.*\.(?:cpp|h):\d+,\s*", "", first_line(err)) or type(err).__name__
 
 
 def check_labels(labels: np.ndarray, where: str) -> np.ndarray:

@@ -11,11 +11,12 @@ import functools
 import torch
 
 from ..config import NodeData, Partitioner, RunConfig
+from ..errors import DataError
 from ..seeds import derive_seed
 from .cache import clear_split_memo, load_split, split_fingerprint
 from .partitions import PartitionKey, clear_partition_memos, partition_rows
 from .sources import resolve_source
-from .tensors import DataError, ImageTensors, NodeSplits
+from .tensors import ImageTensors, NodeSplits
 
 
 def load_node_data(config: RunConfig, node: NodeData) -> NodeSplits:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import Partitioner
+from ..errors import DataError
 from .cache import load_split
-from .tensors import DataError
 
 
 @dataclass(frozen=True)

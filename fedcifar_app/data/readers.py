@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError, first_line
 from ..model import IMAGE_SHAPE, NUM_CLASSES
 from .decoding import Allocate, RowNames, allocate_in_memory, check_labels, decode_images, decode_packed, pack
 from .sources import DataSource, FolderKind, HubDataset, LocalFolder, SyntheticDataset, required_split_files
-from .tensors import DataError
 
 
 def read_split(
@@ -39,8 +39,7 @@ def read_parquet_split(files: list[Path], allocate: Allocate = allocate_in_memor
         try:
             table = pq.read_table(file)
         except Exception as err:  # pyarrow raises several types for a damaged file
-            reason = (str(err).splitlines() or [type(err).__name__])[0]
-            raise DataError(f"cannot read {file}: {reason}; re-create or replace this parquet file") from None
+            raise DataError(f"cannot read {file}: {first_line(err)}; re-create or replace this parquet file") from None
         missing = [c for c in ("img", "label") if c not in table.column_names]
         if missing:
             raise DataError(
@@ -127,7 +126,7 @@ def read_hf_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray,
     except Exception as err:
         name = source.hub_id if isinstance(source, HubDataset) else str(source.path)
         raise DataError(
-            f"{key}={name!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"{key}={name!r} could not be loaded ({type(err).__name__}: {first_line(err)}); "
             "without internet access pass a local folder, e.g. dataset='../shared/data/cifar10'"
         ) from None
     if split not in dataset_dict:

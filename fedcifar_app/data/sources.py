@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import SYNTHETIC_DATASET
-from .tensors import CIFAR10_CLASSES, DataError
+from ..errors import DataError
+from .tensors import CIFAR10_CLASSES
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLITS = ("train", "test")

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DataError as DataError  # defined torch-free there: the ClientApp module loads without torch
-
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import DeployError
+from ..errors import DeployError
 
 CA_COMMON_NAME = "fedcifar deployment CA"
 DEFAULT_VALID_DAYS = 365

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import DeployError
 from .commands import (
     DEFAULT_CLIENTAPPIO_BASE_PORT,
     DEFAULT_SUPERLINK_PORTS,
@@ -14,7 +15,6 @@ from .commands import (
     DEFAULT_SUPERNODE_MAX_WAIT_S,
     SuperLinkPorts,
 )
-from .errors import DeployError
 from .orchestration import (
     DEFAULT_DEPLOY_DIR,
     DEFAULT_READY_TIMEOUT_S,

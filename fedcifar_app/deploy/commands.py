@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..threads import THREAD_ENV_VARS, threads_per_process
+from ..client.threads import THREAD_ENV_VARS, threads_per_process
+from ..errors import DeployError
 from .certificates import TlsFiles
-from .errors import DeployError
 from .processes import flower_executable
 
 DEFAULT_SUPERLINK_PORTS = (9091, 9092, 9093)  # ServerAppIo, Fleet, Control

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .errors import DeployError
+from ..errors import DeployError
 from .processes import ANSI_ESCAPE, flower_executable
 
 CONTROL_FEDERATION = "deployment"
@@ -44,8 +44,8 @@ def write_control_project(project_dir: Path, control_address: str, ca_certificat
         "[tool.flwr.app]\n"
         'publisher = "fedcifar"\n\n'
         "[tool.flwr.app.components]\n"
-        'serverapp = "fedcifar_app.server_app:app"\n'
-        'clientapp = "fedcifar_app.client_app:app"\n\n'
+        'serverapp = "fedcifar_app.server.app:app"\n'
+        'clientapp = "fedcifar_app.client.app:app"\n\n'
         "[tool.flwr.federations]\n"
         f'default = "{CONTROL_FEDERATION}"\n\n'
         f"[tool.flwr.federations.{CONTROL_FEDERATION}]\n"

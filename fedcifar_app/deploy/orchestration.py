@@ -12,7 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..threads import available_cores
+from ..client.threads import available_cores
+from ..errors import DeployError
+from ..procfs import process_start
 from .certificates import ALL_INTERFACES, TlsFiles, certificate_names, ensure_node_key, ensure_tls_files
 from .commands import (
     DEFAULT_CLIENTAPPIO_BASE_PORT,
@@ -26,7 +28,6 @@ from .commands import (
     supernode_command,
     supernode_thread_environment,
 )
-from .errors import DeployError
 from .flwr_cli import register_node_keys, write_control_project
 from .processes import (
     ReadinessCheck,
@@ -35,7 +36,6 @@ from .processes import (
     live_session_members,
     log_contains,
     port_accepts,
-    process_start_ticks,
     split_address,
     start_process,
     stop_processes,
@@ -132,7 +132,7 @@ class Launcher:
         log_path = self.logs / f"{name}.log"
         process = start_process(name, command, log_path, self.working_directory, env)
         record = ManagedProcess(
-            name, process.pid, process_start_ticks(process.pid), str(log_path), command, address, node_config
+            name, process.pid, process_start(process.pid), str(log_path), command, address, node_config
         )
         self.started.append(record)
         self.state.processes = list(self.started)

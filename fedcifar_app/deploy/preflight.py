@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from .errors import DeployError
+from ..errors import DeployError
 from .processes import split_address
 
 DEFAULT_CHECK_TIMEOUT_S = 5.0

@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-from .errors import DeployError
+from ..errors import DeployError
+from ..procfs import read_proc_stat, session_members
 from .state import ManagedProcess
 
 POLL_INTERVAL_S = 0.1
@@ -64,46 +64,6 @@ def child_environment(flower_home: Path, extra: Mapping[str, str] | None = None)
     return env
 
 
-class ProcStat(NamedTuple):
-    """The fields of /proc/PID/stat that supervision needs."""
-
-    state: str  # R, S, D, Z (zombie: exited, not yet reaped), ...
-    process_group: int
-    session: int
-    start_ticks: int  # kernel start time: a reused pid gets a different one
-
-
-def parse_proc_stat(text: str) -> ProcStat:
-    """Parse /proc/PID/stat; the command name sits in parentheses and may hold spaces or ")"."""
-    fields = text.rsplit(")", 1)[1].split()
-    return ProcStat(fields[0], int(fields[2]), int(fields[3]), int(fields[19]))
-
-
-def read_proc_stat(pid: int) -> ProcStat | None:
-    """`pid`'s stat from /proc, or None when it is gone (or off Linux)."""
-    try:
-        return parse_proc_stat(Path(f"/proc/{pid}/stat").read_text(encoding="utf-8"))
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """Kernel start time of `pid`, to recognise it later; None off Linux."""
-    stat = read_proc_stat(pid)
-    return stat.start_ticks if stat else None
-
-
-def session_members(session_id: int) -> list[int]:
-    """Pids alive (not zombies) in session `session_id`, from /proc."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = read_proc_stat(int(entry.name))
-            if stat and stat.session == session_id and stat.state != "Z":
-                members.append(int(entry.name))
-    return members
-
-
 def live_session_members(record: ManagedProcess) -> list[int]:
     """Pids still alive in the session that `record`'s process leads.
 
@@ -113,7 +73,7 @@ def live_session_members(record: ManagedProcess) -> list[int]:
     """
     leader = read_proc_stat(record.pid)
     if leader is not None and record.start_ticks is not None:
-        if leader.state != "Z" and leader.start_ticks != record.start_ticks:
+        if leader.alive and leader.start_ticks != record.start_ticks:
             return []
     if not Path("/proc").is_dir():  # not Linux: ask the kernel about the group
         try:

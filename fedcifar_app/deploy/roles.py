@@ -13,9 +13,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import DeployError
 from .certificates import ensure_node_key
 from .commands import SUPERNODE_CONNECTED_MARKER, supernode_command
-from .errors import DeployError
 from .flwr_cli import register_node_keys, write_control_project
 from .orchestration import Launcher, deployment_is_running, registered_keys_dir
 from .preflight import check_superlink

@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import DeployError
 from ..files import atomic_write_bytes
-from .errors import DeployError
 
 STATE_FILE_NAME = "state.json"
 

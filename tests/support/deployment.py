@@ -30,12 +30,11 @@ from fedcifar_app.deploy.processes import (
     flower_executable,
     live_session_members,
     log_contains,
-    process_start_ticks,
-    read_proc_stat,
     start_process,
     stop_processes,
 )
 from fedcifar_app.deploy.state import ManagedProcess, load_state, state_path
+from fedcifar_app.procfs import process_start, read_proc_stat
 from support.flwr_run import PROJECT, FlwrRun
 
 CLI_TIMEOUT_S = 60
@@ -206,7 +205,7 @@ class LocalDeployment:
         log = self.dir / "logs" / f"{name}.log"
         env = child_environment(self.dir / "flwr-home" / name, {"FEDCIFAR_CACHE_DIR": self.env["FEDCIFAR_CACHE_DIR"]})
         process = start_process(name, command, log, self.root, env)
-        self.extra.append(ManagedProcess(name, process.pid, process_start_ticks(process.pid), str(log), command))
+        self.extra.append(ManagedProcess(name, process.pid, process_start(process.pid), str(log), command))
         return process
 
     def restart_node(self, name: str) -> None:

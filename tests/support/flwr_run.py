@@ -24,8 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from fedcifar_app import app_config
-from fedcifar_app.deploy.processes import ANSI_ESCAPE, session_members
+from fedcifar_app import pyproject
+from fedcifar_app.deploy.processes import ANSI_ESCAPE
+from fedcifar_app.procfs import session_members
 
 PROJECT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -38,7 +39,7 @@ NOT_YET = (AssertionError, FileNotFoundError, ValueError, RuntimeError, EOFError
 
 def small_federation(num_supernodes: int = 3) -> str:
     """`--federation-config` for the default federation with fewer SuperNodes, every other option kept."""
-    return app_config.federation_override(PROJECT, {"num-supernodes": num_supernodes})
+    return pyproject.federation_override(PROJECT, {"num-supernodes": num_supernodes})
 
 
 def flwr_environment(cache_dir: Path) -> dict[str, str]:

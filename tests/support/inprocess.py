@@ -66,8 +66,8 @@ def run_inprocess(overrides: Mapping[str, Any], *, num_supernodes: int = 3, app_
 
     ``overrides`` must set ``output-dir`` to a fresh folder; the newest run folder in it is returned.
     """
-    from fedcifar_app.client_app import app as client_app
-    from fedcifar_app.server_app import main as server_main
+    from fedcifar_app.client.app import app as client_app
+    from fedcifar_app.server.app import main as server_main
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     supported_backends[BACKEND_NAME] = InThreadBackend

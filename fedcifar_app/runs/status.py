@@ -24,10 +24,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_json
+from ..procfs import PROC, process_start
+from .folder import RUN_FOLDER_FORMAT
+
 STATUS = "status.json"
 STATES = ("running", "completed", "failed", "stopped", "interrupted")
 STALE_MARGIN_S = 60.0  # central evaluation and file writes, on top of the waits a round may take
-PROC = Path("/proc")
 
 
 def boot_id() -> str:
@@ -36,17 +39,6 @@ def boot_id() -> str:
         return (PROC / "sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""
-
-
-def process_start(pid: int) -> int | None:
-    """A process's start time in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if gone
-    (a zombie counts as gone: it has exited, only its parent has not collected it)."""
-    try:
-        stat = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state is field 3
-    return None if fields[0] in ("Z", "X") else int(fields[19])
 
 
 def this_process() -> dict[str, Any]:
@@ -64,6 +56,20 @@ def stale_after(node_wait_timeout: float, round_timeout: float) -> float:
 def timestamp(now: float | None = None) -> str:
     """Local time with its UTC offset, so another host's reader compares it correctly."""
     return datetime.fromtimestamp(time.time() if now is None else now).astimezone().isoformat(timespec="seconds")
+
+
+def write_status(folder: Path, status: str, reason: str = "", **extra: Any) -> None:
+    """status.json: "running", "completed", "failed" or "stopped" with the reason; scripts judge a run
+    by it (``read_status``). The writing process is recorded so a reader can tell a dead "running"."""
+    payload = {
+        "status": status,
+        "reason": reason,
+        "updated": timestamp(),
+        "format": RUN_FOLDER_FORMAT,
+        **this_process(),
+    }
+    payload.update(extra)
+    atomic_write_json(folder / STATUS, payload)
 
 
 @dataclass(frozen=True)

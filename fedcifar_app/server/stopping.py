@@ -30,13 +30,14 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from . import compat
-from .app_config import format_overrides
-from .config import RunConfig
-from .errors import RunStopped
-from .run_status import PROC, process_start
+from .. import compat
+from ..config import RunConfig
+from ..errors import RunStopped
+from ..logs import APP_LOGGER
+from ..procfs import descendants, process_start
+from ..pyproject import format_overrides
 
-logger = logging.getLogger("flwr.fedcifar_app")
+logger = logging.getLogger(APP_LOGGER)
 
 BY_SIGNAL_SIMULATION = "stopped by Ctrl-C or SIGTERM (the simulation engine shut down)"
 BY_CLI_GONE = "stopped: `flwr run` ended under the simulation (SIGTERM or kill to the flwr process alone)"
@@ -171,30 +172,6 @@ class StoppableGrid(Grid):
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 return replies
             self._stop.event.wait(self._poll_s)
-
-
-def descendants(root: int) -> list[tuple[int, int]]:
-    """(pid, start time) of every process below ``root`` (Linux ``/proc``; empty elsewhere)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = [entry for entry in PROC.iterdir() if entry.name.isdigit()]
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat[stat.rfind(")") + 2 :].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        start = process_start(pid)
-        if start is not None:
-            found.append((pid, start))
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def end_processes(processes: Iterable[tuple[int, int]]) -> None:

@@ -1,7 +1,7 @@
 """What one node does with one message, Flower-free: its validated config, its data, the device, the
 received model; then train, evaluate or describe.
 
-It imports torch and the ML code, so ``client_app`` imports it on a node's first message rather than
+It imports torch and the ML code, so ``client.app`` imports it on a node's first message rather than
 when Flower loads the ClientApp: flower-simulation loads the ClientApp in its main thread just before
 ``ray.init``, and a torch import there held Ray back by ~1.5 s (benchmarks/README.md, start-up).
 """
@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from . import training
-from .config import NodeData, RunConfig
-from .data import NodeSplits, load_node_data
-from .model import Net
-from .seeds import derive_seed
+from .. import training
+from ..config import NodeData, RunConfig
+from ..data import NodeSplits, load_node_data
+from ..model import Net
+from ..seeds import derive_seed
 from .threads import size_torch_threads
 
 

@@ -19,11 +19,12 @@ from typing import Any, Protocol
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
-from .errors import RunAborted, TrainingDiverged
-from .metrics import TRAIN_LOSS
-from .training import weights_are_finite
+from ..errors import RunAborted, TrainingDiverged
+from ..logs import APP_LOGGER
+from ..runs.metrics import TRAIN_LOSS
+from ..training import weights_are_finite
 
-logger = logging.getLogger("flwr.fedcifar_app")
+logger = logging.getLogger(APP_LOGGER)
 
 __all__ = ["AppHooks", "RoundSink", "RunAborted", "StrategyHooks", "with_app_hooks", "wait_for_nodes"]
 

@@ -19,8 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .data import ImageTensors
-from .files import atomic_write_bytes
+from ..data import ImageTensors
+from ..files import atomic_write_bytes
 from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundRow
 
 CURVES = "curves.png"

@@ -12,10 +12,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 
-from .compat import ErrorCode
-from .config import ConfigError, DpMode
-from .errors import DataError
-from .metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS
+from ..compat import ErrorCode
+from ..config import DpMode
+from ..errors import ConfigError, DataError
+from ..runs.metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS
 
 if TYPE_CHECKING:
     from .node_job import NodeJob

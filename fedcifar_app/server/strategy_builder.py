@@ -2,7 +2,7 @@
 
 ``build_strategy`` takes Flower's own class for ``strategy`` (``flwr.serverapp.strategy``),
 wraps it in Flower's DP wrapper when ``dp`` is on, and gives the outermost object this app's
-hooks (``strategy.with_app_hooks``). ``server_state`` / ``restore_server_state`` carry what a
+hooks (``hooks.with_app_hooks``). ``server_state`` / ``restore_server_state`` carry what a
 strategy keeps between rounds (server optimizer moments, FedAvgM momentum, the privacy
 accountant) through the checkpoint, so a resumed run continues it instead of restarting it.
 """
@@ -17,10 +17,11 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flower
 
-from .config import STRATEGY_DEFAULT, ConfigError, DpMode, RunConfig, StrategyName
-from .metrics import EPSILON, NUM_EXAMPLES
+from ..config import STRATEGY_DEFAULT, DpMode, RunConfig, StrategyName
+from ..errors import ConfigError
+from ..runs.metrics import EPSILON, NUM_EXAMPLES
+from .hooks import StrategyHooks, with_app_hooks
 from .privacy import PrivacyAccountant
-from .strategy import StrategyHooks, with_app_hooks
 
 STRATEGY_CLASSES: dict[StrategyName, type] = {
     StrategyName.FEDAVG: flower.FedAvg,

@@ -11,9 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ..logs import APP_LOGGER
 from .metrics import RoundRow
 
-logger = logging.getLogger("flwr.fedcifar_app")
+logger = logging.getLogger(APP_LOGGER)
 
 
 class ScalarBoard:

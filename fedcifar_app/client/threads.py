@@ -23,7 +23,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .config import ConfigError
+from ..errors import ConfigError
 
 TORCH_THREADS_KEY = "torch-threads"
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

@@ -1,37 +1,40 @@
 """What the ServerApp runs: validate the run config, load the test split, wait for the nodes and check
 their data, then the chosen strategy, handing each round to the run folder. Flower-free but for the
-Grid and the records it talks through; ``server_app.main`` imports it when the run starts.
+Grid and the records it talks through; ``server.app.main`` imports it when the run starts.
 """
 
 from __future__ import annotations
 
 import logging
 import platform
-import random
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import flwr
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 
-from . import training
-from .board import ScalarBoard
-from .compat import MessageType, is_simulation
-from .config import ConfigError, NodeData, RunConfig
-from .data import ImageTensors, check_dataset, class_names, load_node_data, load_split
-from .errors import RunAborted
-from .metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, format_row, summary_table
-from .model import Net, new_model
-from .results import Checkpoint, RunRecorder, read_status, write_status
-from .seeds import derive_seed
+from .. import training
+from ..compat import is_simulation
+from ..config import NodeData, RunConfig
+from ..data import ImageTensors, check_dataset, class_names, load_node_data, load_split
+from ..errors import ConfigError
+from ..logs import APP_LOGGER
+from ..model import Net, new_model
+from ..runs.board import ScalarBoard
+from ..runs.checkpoint import Checkpoint
+from ..runs.metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, format_row, summary_table
+from ..runs.recorder import RunRecorder
+from ..runs.status import read_status, write_status
+from ..seeds import derive_seed
+from .data_check import check_node_data
+from .hooks import StrategyHooks, wait_for_nodes
 from .stopping import RunStop, resume_command
-from .strategies import build_strategy, server_state
-from .strategy import StrategyHooks, replies_by_node, short_reason, wait_for_nodes
+from .strategy_builder import build_strategy, server_state
 
-logger = logging.getLogger("flwr.fedcifar_app")
+logger = logging.getLogger(APP_LOGGER)
 
 
 def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) -> None:
@@ -195,8 +198,8 @@ def diverged_advice(context: Context, folder: Path | None) -> str:
 def write_samples(folder: Path, config: RunConfig, num_partitions: int) -> None:
     """samples.png: partition 0's first training images; a plotting failure is a warning, never a failed run."""
     try:
-        from .plots import SAMPLES
-        from .plots import write_samples as plot_samples
+        from ..runs.plots import SAMPLES
+        from ..runs.plots import write_samples as plot_samples
 
         node = NodeData(partition_id=0, num_partitions=num_partitions)
         plot_samples(
@@ -207,60 +210,3 @@ def write_samples(folder: Path, config: RunConfig, num_partitions: int) -> None:
         )
     except Exception as err:
         logger.warning("could not write samples.png (%s: %s); the run goes on", type(err).__name__, err)
-
-
-SIMULATION_DATA_CHECK_NODES = 20  # a sample: simulated nodes share one dataset and one config
-
-
-def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig, *, simulation: bool) -> dict[int, str]:
-    """Ask the nodes to load their data before round 1; return node id -> what data it holds.
-
-    Deployed nodes each hold their own data, so every one is asked. Simulated nodes all partition
-    the same dataset under the same config, so a seeded sample of max(20, min-train-nodes,
-    min-evaluate-nodes) stands for them: asking 1,000 nodes took 22 s of start-up, 10,000 far
-    more (benchmarks/README.md); a node outside the sample that fails is named in its round.
-    Nodes whose data fails are named and left out of the count; too few usable nodes stops
-    the run here, before any training.
-    """
-    asked = node_ids
-    sample_size = max(SIMULATION_DATA_CHECK_NODES, config.min_train_nodes, config.min_evaluate_nodes)
-    if simulation and len(node_ids) > sample_size:
-        asked = sorted(random.Random(derive_seed(config.seed, "data-check")).sample(node_ids, sample_size))
-    messages = [
-        Message(
-            RecordDict({"config": ConfigRecord({"server-round": 0})}),
-            message_type=MessageType.QUERY,
-            dst_node_id=node_id,
-        )
-        for node_id in asked
-    ]
-    replies = replies_by_node(messages, grid.send_and_receive(messages, timeout=config.round_timeout))
-    names, failures, train_sizes = {}, [], []
-    for node_id in asked:
-        reply = replies.get(node_id)
-        if reply is None:
-            failures.append(f"node {node_id}: no answer within round-timeout={config.round_timeout:g}s")
-        elif reply.has_error():
-            failures.append(f"node {node_id}: {short_reason(reply.error.reason)}")
-        else:
-            names[node_id] = str(reply.content["info"]["data"])
-            train_sizes.append(int(reply.content["metrics"]["num-train"]))
-    needed = max(config.min_train_nodes, config.min_evaluate_nodes)
-    if len(names) < needed:
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise RunAborted(
-            f"data check failed on {len(failures)} of {len(asked)} nodes, {len(names)} usable but "
-            f"min-train-nodes/min-evaluate-nodes need {needed}: {failures[0]}{more}"
-        )
-    for failure in failures:
-        logger.warning("data check: %s; the run goes on, and this node fails its rounds until it is fixed", failure)
-    sampled = f" (a sample of the {len(node_ids)})" if len(asked) < len(node_ids) else ""
-    logger.info(
-        "Data check: %d nodes ready%s, %d training samples (%d to %d per node)",
-        len(names),
-        sampled,
-        sum(train_sizes),
-        min(train_sizes),
-        max(train_sizes),
-    )
-    return names

@@ -6,7 +6,7 @@ writes DIR/comparison.png (central accuracy and loss per round of every run) and
 DIR/comparison.md (final and best accuracy, round of the best, wall time, epsilon of DP runs),
 and prints the table. Runs are labelled by the run-config keys whose values differ between
 them; runs that differ only in ``seed`` form a group, summarised as mean and spread. Folders
-of every format are read (``results.read_rows``; keys newer than a folder read as their defaults).
+of every format are read (``folder.read_rows``; keys newer than a folder read as their defaults).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig
-from .files import atomic_write_text
+from ..config import RunConfig
+from ..errors import ConfigError
+from ..files import atomic_write_text
+from .folder import CONFIG, METRICS, read_rows
 from .metrics import RoundRow
-from .results import CONFIG, METRICS, read_rows, read_status
+from .status import read_status
 
 COMPARISON_PNG = "comparison.png"
 COMPARISON_MD = "comparison.md"

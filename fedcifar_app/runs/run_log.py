@@ -1,6 +1,6 @@
 """run.log: the run's own log lines, kept in its run folder so a stopped or failed run can be read later.
 
-It holds every line of the app's logger ("flwr.fedcifar_app") and Flower's warnings and errors
+It holds every line of the app's logger (``logs.APP_LOGGER``) and Flower's warnings and errors
 of the same process; each line is flushed as it is written, so a killed run keeps all it said.
 """
 
@@ -11,8 +11,9 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..logs import APP_LOGGER
+
 RUN_LOG = "run.log"
-APP_LOGGER = "flwr.fedcifar_app"
 
 
 class _RunLines(logging.Filter):

@@ -18,11 +18,7 @@ from typing import Any
 import tomli
 
 from .compat import flatten_dict
-
-
-class UsageError(ValueError):
-    """A command line or pyproject.toml that cannot be used; the message says the fix."""
-
+from .errors import UsageError
 
 _PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")  # Flower's own key=value pattern
 

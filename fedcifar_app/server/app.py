@@ -1,5 +1,5 @@
 """ServerApp: the thin Flower entry point. ``main`` turns errors into one line and a status;
-``server_run`` does the work (validate, check the nodes' data, run the strategy, record each round).
+``server.run`` does the work (validate, check the nodes' data, run the strategy, record each round).
 
 Nothing heavy is imported here, only inside ``main``: flower-simulation loads this module and the
 ClientApp under one lock (Flower 1.25's ``object_ref._import_lock``) and starts Ray only after both,
@@ -16,14 +16,14 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .compat import RunNotRunningException
-from .config import ConfigError
-from .errors import DataError, RunAborted, RunStopped, TrainingDiverged
-from .runlog import run_log
+from ..compat import RunNotRunningException
+from ..errors import ConfigError, DataError, RunAborted, RunStopped, TrainingDiverged
+from ..logs import APP_LOGGER
+from ..runs.run_log import run_log
 from .stopping import BY_FLWR_STOP, RunStop
 
 app = ServerApp()
-logger = logging.getLogger("flwr.fedcifar_app")
+logger = logging.getLogger(APP_LOGGER)
 
 USER_ERRORS = (ConfigError, DataError, RunAborted)
 
@@ -32,8 +32,9 @@ USER_ERRORS = (ConfigError, DataError, RunAborted)
 def main(grid: Grid, context: Context) -> None:
     """Run the federation; a user error ends it with one ERROR line and a failed status, no traceback;
     a stop (Ctrl-C, SIGTERM, `flwr stop`) with status "stopped", recorded when it came (see stopping)."""
-    from .results import create_run_folder, write_status
-    from .server_run import diverged_advice, run_federation
+    from ..runs.folder import create_run_folder
+    from ..runs.status import write_status
+    from .run import diverged_advice, run_federation
 
     with flower_logs(verbose=context.run_config.get("verbose") is True), contextlib.ExitStack() as logs:
         folder = None

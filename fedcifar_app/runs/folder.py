@@ -1,0 +1,59 @@
+"""A run folder: its file names and format, making a new one, reading its rows back. Flower-free, torch-free.
+
+Every file is written atomically (``files``), so a run killed at any moment leaves the previous
+version intact, and each run gets a folder of its own that no other run, started in the same
+second or not, can share. Folders carry ``RUN_FOLDER_FORMAT``; readers accept every earlier
+format (format 1 had no version field).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from ..errors import ConfigError
+from .metrics import RoundRow
+
+RUN_FOLDER_FORMAT = 2  # 2: format field, strict JSON metrics; 1: the first release
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+CONFIG = "config.json"
+FINAL_MODEL = "final_model.pt"
+BEST_MODEL = "best_model.pt"
+
+
+def create_run_folder(output_dir: Path) -> Path:
+    """A new ``<output-dir>/<timestamp>`` folder; ``mkdir`` is atomic, so a clash takes a suffix."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-")
+        probe.close()
+    except OSError as err:
+        raise ConfigError(
+            f"run-config output-dir={str(output_dir)!r} cannot be written ({err.strerror}): "
+            "pass a folder you can write to"
+        ) from None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):
+        folder = output_dir / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a run folder under {output_dir}")
+
+
+def read_rows(folder: Path) -> list[RoundRow]:
+    """metrics.json of a run folder of any format; a damaged file is a one-line ConfigError."""
+    path = Path(folder) / METRICS
+    try:
+        return [RoundRow.from_json(raw) for raw in json.loads(path.read_text())]
+    except FileNotFoundError:
+        return []
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); it is not a metrics file this app wrote"
+        ) from None
