@@ -57,6 +57,7 @@ class FlwrRun:
     ``federation`` (the positional federation name and its `--federation-config`, as a deployment
     gives them) goes before the options; ``federation_config`` alone overrides the default
     federation. ``output-dir`` is added to ``run_config`` unless the run config names it already.
+    ``app_dir`` is the app folder `flwr run .` builds the FAB from (a changed copy in some tests).
     """
 
     def __init__(
@@ -69,8 +70,10 @@ class FlwrRun:
         federation_config: str | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
+        app_dir: Path = PROJECT,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.app_dir = app_dir
         if log_path is None:  # beside output_dir, unless that is not a folder (a test of a bad output-dir)
             beside = self.output_dir.parent
             folder = beside if beside.is_dir() or not beside.exists() else Path(tempfile.mkdtemp(prefix="flwr-run-"))
@@ -93,7 +96,7 @@ class FlwrRun:
         with self.log_path.open("wb") as log:  # a file, not a pipe: a stray child can never block on it
             self.process = subprocess.Popen(
                 self.command,
-                cwd=PROJECT,
+                cwd=self.app_dir,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
