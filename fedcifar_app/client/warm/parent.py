@@ -268,7 +268,10 @@ class WarmParent:
             selector.register(listener, selectors.EVENT_READ, "accept")
             selector.register(wake_read, selectors.EVENT_READ, "signal")
             if self.command:
-                command = subprocess.Popen(list(self.command), env=self.folder.environment(os.environ))
+                # The environment from before the preload: its imports set variables (TORCHINDUCTOR_CACHE_DIR,
+                # GRPC_VERBOSITY) that the SuperNode must not inherit, or its ClientApps would differ from ours.
+                env = self.folder.environment(self.preloaded.start_environ)
+                command = subprocess.Popen(list(self.command), env=env)
                 watched[os.pidfd_open(command.pid)] = command.pid
             for pid in self.exit_with:
                 try:
