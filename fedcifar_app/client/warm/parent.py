@@ -407,8 +407,9 @@ class WarmParent:
         _, status, usage = os.wait4(child.pid, 0)
         self.child_cpu_s += usage.ru_utime + usage.ru_stime
         self.child_max_rss_kb = max(self.child_max_rss_kb, usage.ru_maxrss)
-        logger.debug(
-            "warm start: child %d ended (%d), %.2f CPU-s, peak RSS %d MB",
+        # One line per ClientApp: what each message cost (benchmarks/deployment.py reads these).
+        logger.info(
+            "warm start: ClientApp pid %d ended (exit code %d) after %.3f CPU-s, peak RSS %d MB",
             child.pid,
             os.waitstatus_to_exitcode(status),
             usage.ru_utime + usage.ru_stime,
