@@ -382,7 +382,11 @@ class WarmParent:
             return None
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as err:  # out of processes or memory: this message runs cold, the parent goes on
+            self._refuse(conn, fds, f"fork failed ({err.strerror})")
+            return None
         if pid == 0:
             return ChildStart(request, fds, conn, peer[0], self.preloaded, parent_resources)
         for fd in fds:
