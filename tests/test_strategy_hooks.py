@@ -9,6 +9,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from support.recorder import MemoryRecorder
 
 from fedcifar_app.compat import ErrorCode
 from fedcifar_app.errors import RunAborted, TrainingDiverged
@@ -70,23 +71,7 @@ def test_a_reply_from_the_superlink_is_matched_to_the_node_it_answers_for():
     assert failures == {6: "NODE_UNAVAILABLE", 7: "no reply within round-timeout=30s"}
 
 
-class Recorder:
-    """The recorder side of the hooks, kept in memory."""
-
-    def __init__(self, offset: int = 0) -> None:
-        self.offset, self.began, self.metrics = offset, 0, {}
-
-    def global_round(self, local_round: int) -> int:
-        return local_round + self.offset
-
-    def begin_round(self) -> None:
-        self.began += 1
-
-    def add_client_metrics(self, metrics) -> None:
-        self.metrics.update(metrics)
-
-
-def hooked_fedavg(recorder: Recorder, min_train_nodes: int = 2) -> FedAvg:
+def hooked_fedavg(recorder: MemoryRecorder, min_train_nodes: int = 2) -> FedAvg:
     hooks = StrategyHooks(
         recorder=recorder,
         needed_nodes=3,
@@ -107,7 +92,7 @@ def trained_reply(message: Message, weights, loss: float) -> Message:
 
 
 def test_failing_nodes_are_named_once_per_round_and_results_still_aggregate(caplog):
-    recorder = Recorder(offset=4)  # a resumed run: Flower's round 1 is the run's round 5
+    recorder = MemoryRecorder(offset=4)  # a resumed run: Flower's round 1 is the run's round 5
     strategy = hooked_fedavg(recorder)
     weights = new_model(0).state_dict()
     sent = sent_to(5, 6, 7)
@@ -123,7 +108,7 @@ def test_failing_nodes_are_named_once_per_round_and_results_still_aggregate(capl
 
 
 def test_too_few_training_results_abort_the_round_with_the_fix():
-    strategy = hooked_fedavg(Recorder(), min_train_nodes=3)
+    strategy = hooked_fedavg(MemoryRecorder(), min_train_nodes=3)
     sent = sent_to(5, 6, 7)
     strategy.app_hooks.sent = sent
     weights = new_model(0).state_dict()
@@ -135,7 +120,7 @@ def test_too_few_training_results_abort_the_round_with_the_fix():
 
 
 def test_nan_weights_or_loss_stop_the_round_before_anything_is_recorded():
-    recorder = Recorder()
+    recorder = MemoryRecorder()
     strategy = hooked_fedavg(recorder)
     sent = sent_to(5, 6)
     strategy.app_hooks.sent = sent
@@ -158,7 +143,7 @@ def test_configure_train_begins_the_round_and_sends_the_global_round_number():
         def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
             return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
-    recorder = Recorder(offset=2)
+    recorder = MemoryRecorder(offset=2)
     strategy = hooked_fedavg(recorder)
     messages = list(strategy.configure_train(1, ArrayRecord(new_model(0).state_dict()), ConfigRecord({}), Grid()))
     assert recorder.began == 1 and strategy.app_hooks.sent == messages

@@ -96,8 +96,8 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         at_round_boundary=stop.at_round_boundary,
     )
     strategy = build_strategy(config, hooks, len(node_ids), resumed.server_state if resumed else None)
-    recorder.server_state = lambda: server_state(strategy)
-    logger.info("Strategy: %s (dp %s)", config.strategy.value, config.dp.value)
+    recorder.server_state = lambda: server_state(strategy, config)
+    logger.info("Strategy: %s (dp %s)", config.strategy, config.dp.value)
     board = ScalarBoard(folder)
     model = Net()
 
