@@ -19,6 +19,7 @@ import pytest
 import torch
 from conftest import SMALL_NODES, run_flwr
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from support.flwr_run import PROJECT
 from support.inprocess import run_inprocess
 from support.recorder import MemoryRecorder
 from test_board import read_scalars
@@ -39,6 +40,9 @@ from fedcifar_app.server.strategy_builder import build_strategy, flower_class, n
 from fedcifar_app.strategy_table import STRATEGY_SPECS, StrategySpec, strategy_keys
 
 CPU = torch.device("cpu")
+PYPROJECT = (PROJECT / "pyproject.toml").read_text(encoding="utf-8")
+EXPERIMENTS_DOC = (PROJECT / "docs" / "experiments.md").read_text(encoding="utf-8")
+CONFIGURATION_DOC = (PROJECT / "docs" / "configuration.md").read_text(encoding="utf-8")
 SMALL = {"dataset": "synthetic", "min-train-nodes": 3, "min-evaluate-nodes": 2, "min-available-nodes": 3}
 
 
@@ -161,6 +165,40 @@ def test_dp_wraps_flowers_strategy_with_noise_for_the_nodes_sampled():
 def test_nodes_sampled_follows_flowers_minimum():
     assert nodes_sampled(RunConfig(fraction_train=0.05), 10) == 10
     assert nodes_sampled(RunConfig(fraction_train=0.5, min_train_nodes=2), 10) == 5
+
+
+def docs_row(spec: StrategySpec) -> str:
+    """The row docs/experiments.md must hold for ``spec``."""
+    keys = [
+        f"`{key}`" + (f" (0 = Flower's {spec.flower_defaults[key]})" if key in spec.flower_defaults else "")
+        for key in spec.arguments
+    ]
+    summary = spec.summary.replace("|", "\\|")
+    return f"| `{spec.name}` | `{spec.flower_class}` | {summary} | {', '.join(keys) or 'none'} |"
+
+
+def test_the_docs_list_the_table_row_by_row():
+    rows = [line for line in EXPERIMENTS_DOC.splitlines() if re.match(r"\| `\w+` \| `\w+` \|", line)]
+    assert rows == [docs_row(spec) for spec in STRATEGY_SPECS]
+    names = ", ".join(f"`{spec.name}`" for spec in STRATEGY_SPECS)
+    assert f'| `strategy` | `"fedavg"` | {names} (see' in CONFIGURATION_DOC
+
+
+def pyproject_comment(key: str) -> str:
+    line = next(line for line in PYPROJECT.splitlines() if line.startswith(f"{key} = "))
+    return line.split("#", 1)[1].strip()
+
+
+def test_pyproject_comments_name_the_strategies_and_who_reads_each_key():
+    assert pyproject_comment("strategy") == ", ".join(spec.name for spec in STRATEGY_SPECS)
+    for key, readers in strategy_keys().items():
+        assert re.match(rf"{' / '.join(readers)}\b(?! /)", pyproject_comment(key)), (key, pyproject_comment(key))
+    defaults = ", ".join(
+        f"{spec.name} {spec.flower_defaults['server-learning-rate']}"
+        for spec in STRATEGY_SPECS
+        if "server-learning-rate" in spec.flower_defaults
+    )
+    assert f"({defaults})" in PYPROJECT and f"({defaults})" in CONFIGURATION_DOC
 
 
 def test_krum_needs_enough_nodes_per_round():
