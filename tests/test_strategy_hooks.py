@@ -15,7 +15,9 @@ from fedcifar_app.compat import ErrorCode
 from fedcifar_app.errors import RunAborted, TrainingDiverged
 from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import new_model
+from fedcifar_app.server.divergence import RoundEvidence
 from fedcifar_app.server.hooks import (
+    Aggregation,
     StrategyHooks,
     check_finite,
     failed_nodes,
@@ -133,6 +135,19 @@ def test_nan_weights_or_loss_stop_the_round_before_anything_is_recorded():
     check_finite(1, ArrayRecord(weights), MetricRecord({"train-loss": 1.0}))  # finite: no error
     with pytest.raises(TrainingDiverged, match="train-loss inf"):
         check_finite(2, ArrayRecord(weights), MetricRecord({"train-loss": math.inf}))
+
+
+def test_an_aggregation_sums_up_as_distances_from_the_global_model_sent():
+    messages = sent_to(5, 6, 7)
+    replies = [
+        trained_reply(messages[0], {"w": torch.full((4,), 1.0)}, 0.5),
+        trained_reply(messages[1], {"w": torch.full((4,), 3.0)}, math.nan),
+        error_reply(messages[2], "x"),
+    ]
+    aggregation = Aggregation(ArrayRecord({"w": torch.zeros(4)}), replies, ArrayRecord({"w": torch.full((4,), 50.0)}))
+    assert aggregation.evidence() == RoundEvidence(
+        client_losses_finite=False, client_step=6.0, server_step=100.0, num_weights=4
+    )
 
 
 def test_configure_train_begins_the_round_and_sends_the_global_round_number():

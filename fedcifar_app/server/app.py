@@ -17,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..compat import RunNotRunningException
-from ..errors import ConfigError, DataError, RunAborted, RunStopped, TrainingDiverged
+from ..errors import ConfigError, DataError, RunAborted, RunStopped
 from ..logs import APP_LOGGER
 from ..runs.run_log import run_log
 from .stopping import BY_FLWR_STOP, RunStop
@@ -34,7 +34,7 @@ def main(grid: Grid, context: Context) -> None:
     a stop (Ctrl-C, SIGTERM, `flwr stop`) with status "stopped", recorded when it came (see stopping)."""
     from ..runs.folder import create_run_folder
     from ..runs.status import write_status
-    from .run import diverged_advice, run_federation
+    from .run import run_federation
 
     with flower_logs(verbose=context.run_config.get("verbose") is True), contextlib.ExitStack() as logs:
         folder = None
@@ -51,8 +51,6 @@ def main(grid: Grid, context: Context) -> None:
             raise  # Flower's flwr-serverapp ends a stopped run on this
         except USER_ERRORS as err:
             message = str(err)
-            if isinstance(err, TrainingDiverged):
-                message += diverged_advice(context, folder)
             logger.error("%s", message)
             if folder is not None and not stop.requested:
                 write_status(folder, "failed", message)

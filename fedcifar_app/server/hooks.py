@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
@@ -23,6 +24,7 @@ from ..errors import RunAborted, TrainingDiverged
 from ..logs import APP_LOGGER
 from ..runs.metrics import TRAIN_LOSS
 from ..training import weights_are_finite
+from .divergence import RoundEvidence
 
 logger = logging.getLogger(APP_LOGGER)
 
@@ -131,6 +133,43 @@ class RoundSink(Protocol):
 
 
 @dataclass
+class Aggregation:
+    """One round's train aggregation, by reference: the global model sent, the replies, the aggregate.
+
+    Kept until the next round's, so that a round that diverges, in the aggregation or in the central
+    evaluation after it, can be explained (``divergence.blame``) at no cost to the rounds that do not.
+    """
+
+    sent: ArrayRecord
+    replies: list[Message]
+    aggregated: ArrayRecord | None
+
+    def evidence(self) -> RoundEvidence:
+        sent = {key: array.numpy().astype(np.float64) for key, array in self.sent.items()}
+        losses, steps = [], []
+        for reply in self.replies:
+            if reply.has_error():
+                continue
+            losses += [float(r[TRAIN_LOSS]) for r in reply.content.metric_records.values() if TRAIN_LOSS in r]
+            steps += [_distance(sent, arrays) for arrays in reply.content.array_records.values()]
+        return RoundEvidence(
+            client_losses_finite=all(math.isfinite(loss) for loss in losses),
+            client_step=max(steps, default=0.0),
+            server_step=None if self.aggregated is None else _distance(sent, self.aggregated),
+            num_weights=sum(array.size for array in sent.values()),
+        )
+
+
+def _distance(origin: Mapping[str, np.ndarray], arrays: ArrayRecord) -> float:
+    """L2 distance over all weights, in float64; inf when any weight is not finite."""
+    total = 0.0
+    for key, array in arrays.items():
+        difference = (array.numpy().astype(np.float64) - origin[key]).ravel()
+        total += float(np.dot(difference, difference))
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+@dataclass
 class StrategyHooks:
     """What the hooks need to know about the run; one object, so any strategy class takes it alike."""
 
@@ -143,6 +182,8 @@ class StrategyHooks:
     node_names: Mapping[int, str] = field(default_factory=dict)
     at_round_boundary: Callable[[], None] = lambda: None  # raises RunStopped once the run is stopped
     sent: list[Message] = field(default_factory=list)  # this stage's messages, to tell whose reply is missing
+    sent_arrays: ArrayRecord | None = None  # the global model this round's training started from
+    last_aggregation: Aggregation | None = None  # what explains a divergence (see Aggregation)
     reported: set[tuple[int, int]] = field(default_factory=set)  # (round, node): each failure named once
 
     def report_failures(self, round_number: int, stage: str, replies: list[Message]) -> int:
@@ -181,6 +222,7 @@ class AppHooks:
         hooks.recorder.begin_round()
         wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
         round_number = hooks.recorder.global_round(server_round)
+        hooks.sent_arrays = arrays
         hooks.sent = list(super().configure_train(round_number, arrays, config, grid))  # type: ignore[misc]
         return hooks.sent
 
@@ -207,6 +249,8 @@ class AppHooks:
                 "or lower min-train-nodes, then resume with resume-from"
             )
         arrays, metrics = super().aggregate_train(round_number, replies)  # type: ignore[misc]
+        if hooks.sent_arrays is not None:
+            hooks.last_aggregation = Aggregation(hooks.sent_arrays, replies, arrays)
         check_finite(round_number, arrays, metrics)
         if metrics is not None:
             hooks.recorder.add_client_metrics(metrics)
