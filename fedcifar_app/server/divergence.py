@@ -99,4 +99,4 @@ def advice(config: RunConfig, suspect: Blame, sampled: int) -> str:
         return f"{named[0]} is likely too high ({suspect.because}); lower it"
     if suspect.sure:
         return f"{' or '.join(named)} is likely too high ({suspect.because}); lower one of them"
-    return f"one of {', '.join(named)} is likely too high ({suspect.because}); lower the likeliest first"
+    return f"one of {', '.join(named)} is likely too high ({suspect.because}); lower one at a time to find it"
