@@ -189,14 +189,6 @@ class RunConfig:
                     )
 
     @property
-    def is_synthetic(self) -> bool:
-        return self.dataset == SYNTHETIC_DATASET
-
-    def resolved_output_dir(self) -> Path:
-        """Absolute output folder; relative paths resolve against this process's cwd."""
-        return Path(self.output_dir).expanduser().resolve()
-
-    @property
     def strategy_spec(self) -> StrategySpec:
         """The chosen strategy's entry in the strategy table."""
         return STRATEGIES[self.strategy]
@@ -243,6 +235,19 @@ class NodeData:
         if self.data_path is not None:
             return f"data-path={self.data_path}"
         return f"partition {self.partition_id}/{self.num_partitions}"
+
+
+def absolute_path(text: str) -> Path:
+    """A run-config path as the run uses it: ``~`` expanded, a relative path resolved against this
+    process's working directory (where `flwr run` was typed in simulation, where the SuperLink was
+    started in deployment), so logs and records name it in full."""
+    return Path(text).expanduser().resolve()
+
+
+def output_dir_of(run_config: Mapping[str, Any]) -> Path:
+    """``output-dir`` of a run config not validated yet: the ServerApp creates the run folder first, so
+    even a config it then refuses is recorded in a folder of its own."""
+    return absolute_path(str(run_config.get("output-dir", RunConfig.output_dir)))
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -32,6 +31,7 @@ USER_ERRORS = (ConfigError, DataError, RunAborted)
 def main(grid: Grid, context: Context) -> None:
     """Run the federation; a user error ends it with one ERROR line and a failed status, no traceback;
     a stop (Ctrl-C, SIGTERM, `flwr stop`) with status "stopped", recorded when it came (see stopping)."""
+    from ..config import output_dir_of
     from ..runs.folder import create_run_folder
     from ..runs.status import write_status
     from .run import run_federation
@@ -40,8 +40,7 @@ def main(grid: Grid, context: Context) -> None:
         folder = None
         stop = RunStop()
         try:
-            output_dir = Path(str(context.run_config.get("output-dir", "outputs"))).expanduser().resolve()
-            folder = create_run_folder(output_dir)
+            folder = create_run_folder(output_dir_of(context.run_config))
             logs.enter_context(run_log(folder))
             run_federation(grid, context, folder, stop)
         except RunStopped:

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 
 from .. import training
 from ..compat import is_simulation
-from ..config import NodeData, RunConfig
+from ..config import NodeData, RunConfig, absolute_path
 from ..data import ImageTensors, check_dataset, class_names, load_node_data, load_split
 from ..errors import ConfigError, TrainingDiverged
 from ..logs import APP_LOGGER
@@ -151,7 +151,7 @@ def load_resumed(config: RunConfig) -> Checkpoint | None:
     """The checkpoint to continue from; a run that still runs is refused (two runs would share it)."""
     if not config.resume_from:
         return None
-    source = Path(config.resume_from).expanduser().resolve()
+    source = absolute_path(config.resume_from)
     resumed = Checkpoint.load(source)
     try:
         previous = read_status(source)
