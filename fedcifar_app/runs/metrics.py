@@ -49,11 +49,6 @@ class RoundRow:
         """metrics.json keys, in column order."""
         return tuple(f.name.replace("_", "-") for f in dataclasses.fields(cls))
 
-    @classmethod
-    def metric_keys(cls) -> tuple[str, ...]:
-        """The model-quality columns every trained round has (not round, seconds, or epsilon, which only DP runs have)."""
-        return tuple(key for key in cls.field_keys() if key not in ("round", "seconds", EPSILON))
-
     def to_json(self) -> dict[str, Any]:
         """Kebab-case keys; a non-finite number is stored as null so metrics.json stays strict JSON."""
         out: dict[str, Any] = {}
