@@ -46,6 +46,20 @@ class StrategySpec:
     nodes_per_round: NodesPerRound | None = None
 
 
+def server_optimizer(name: str, flower_class: str, optimizer: str, flower_default_rate: float) -> StrategySpec:
+    """One of Flower's FedOpt strategies: an optimizer on the server over the mean update, whose learning
+    rate is ``eta`` and whose moments (``m_t``, ``v_t``) carry over from round to round."""
+    return StrategySpec(
+        name,
+        flower_class,
+        f"{optimizer} on the server over the mean update",
+        arguments={"server-learning-rate": "eta"},
+        flower_defaults={"server-learning-rate": flower_default_rate},
+        server_state=("m_t", "v_t"),
+        server_step=("server-learning-rate",),
+    )
+
+
 STRATEGY_SPECS = (
     StrategySpec("fedavg", "FedAvg", "the mean of the nodes' models, weighted by their examples"),
     StrategySpec(
@@ -63,33 +77,9 @@ STRATEGY_SPECS = (
         server_state=("momentum_vector",),
         server_step=("server-learning-rate", "server-momentum"),
     ),
-    StrategySpec(
-        "fedadam",
-        "FedAdam",
-        "Adam on the server over the mean update",
-        arguments={"server-learning-rate": "eta"},
-        flower_defaults={"server-learning-rate": 0.1},
-        server_state=("m_t", "v_t"),
-        server_step=("server-learning-rate",),
-    ),
-    StrategySpec(
-        "fedyogi",
-        "FedYogi",
-        "Yogi on the server over the mean update",
-        arguments={"server-learning-rate": "eta"},
-        flower_defaults={"server-learning-rate": 0.01},
-        server_state=("m_t", "v_t"),
-        server_step=("server-learning-rate",),
-    ),
-    StrategySpec(
-        "fedadagrad",
-        "FedAdagrad",
-        "Adagrad on the server over the mean update",
-        arguments={"server-learning-rate": "eta"},
-        flower_defaults={"server-learning-rate": 0.1},
-        server_state=("m_t", "v_t"),
-        server_step=("server-learning-rate",),
-    ),
+    server_optimizer("fedadam", "FedAdam", "Adam", flower_default_rate=0.1),
+    server_optimizer("fedyogi", "FedYogi", "Yogi", flower_default_rate=0.01),
+    server_optimizer("fedadagrad", "FedAdagrad", "Adagrad", flower_default_rate=0.1),
     StrategySpec("fedmedian", "FedMedian", "the coordinate-wise median of the nodes' models"),
     StrategySpec(
         "fedtrimmedavg",
