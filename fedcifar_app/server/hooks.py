@@ -208,7 +208,20 @@ def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricR
 
 
 class AppHooks:
-    """Mixin placed before a Flower strategy class; see ``with_app_hooks``."""
+    """Mixin placed before a Flower strategy class (see ``with_app_hooks``). What it does to Flower's calls:
+
+    - ``server_round``: Flower's ``start`` counts this process's rounds from 1. Each hook passes the run's
+      global round instead (``recorder.global_round``: plus the rounds a resumed run had finished) to the
+      Flower class, so the round number sent to the nodes, and the seeds they derive from it, follow the
+      whole run. ``evaluate_fn`` still gets Flower's count; the recorder adds the offset there.
+    - ``configure_train`` first passes the round boundary (a requested stop raises there), begins the
+      round's record and waits, bounded, for the nodes; ``configure_evaluate`` waits too.
+    - ``configure_*`` keep the messages they send in ``hooks.sent``; the matching ``aggregate_*`` reads
+      them to name each node that failed or never replied (once per round and node).
+    - ``aggregate_train`` refuses a round with fewer than min-train-nodes results, keeps the aggregation
+      (``hooks.last_aggregation``) to explain a divergence, stops on NaN/inf before anything is recorded,
+      and hands the aggregated client metrics to the recorder, as ``aggregate_evaluate`` does.
+    """
 
     def __init__(self, *args: Any, app_hooks: StrategyHooks, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
