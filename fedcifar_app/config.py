@@ -230,6 +230,13 @@ class NodeData:
         return cls(partition_id=partition_id, num_partitions=num_partitions)
 
     @property
+    def partition(self) -> tuple[int, int]:
+        """(partition-id, num-partitions) of a node that trains on a share of the run's dataset."""
+        if self.partition_id is None or self.num_partitions is None:
+            raise ValueError(f"{self.label} is not a partition of the run's dataset")
+        return self.partition_id, self.num_partitions
+
+    @property
     def label(self) -> str:
         """How logs name this node's data."""
         if self.data_path is not None:

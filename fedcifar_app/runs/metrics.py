@@ -24,6 +24,14 @@ CENTRAL_ACCURACY = "central-accuracy"
 EPSILON = "epsilon"  # privacy spent so far (dp runs); the server's accountant, not a client metric
 
 
+def number(values: Mapping[str, Any], key: str) -> float:
+    """``values[key]`` as a number: Flower's records type their values as numbers or lists of them."""
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key}={value!r} is not a number")
+    return value
+
+
 def _finite_or_none(value: Any) -> float | None:
     if value is None:
         return None

@@ -66,6 +66,7 @@ def blame(config: RunConfig, evidence: RoundEvidence | None, sampled: int) -> Bl
     moved = f"the aggregation moved the model {server:.3g}"
     moved += f", the noise alone {noise:.3g}," if noise_keys else ""
     moved += f" while no client's update exceeded {client:.3g}"
+    suspects: tuple[str, ...]
     if noise_keys and (not server_keys or noise >= NOISE_DOMINATES * server):
         suspects, sure = noise_keys, True
     elif noise_keys and noise > NOISE_NEGLIGIBLE * server:

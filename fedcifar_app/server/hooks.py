@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from ..errors import RunAborted, TrainingDiverged
 from ..logs import APP_LOGGER
-from ..runs.metrics import TRAIN_LOSS
+from ..runs.metrics import TRAIN_LOSS, number
 from ..training import weights_are_finite
 from .divergence import RoundEvidence
 
@@ -34,14 +34,14 @@ __all__ = ["AppHooks", "RoundSink", "RunAborted", "StrategyHooks", "with_app_hoo
 _FLOWER_REASON = re.compile(r"^<class '(?P<cls>[\w.]+)'>:<'(?P<text>.*)'>$", re.DOTALL)
 
 
-def short_reason(reason: str) -> str:
+def short_reason(reason: str | None) -> str:
     """A node's error in one line.
 
     Flower reports a ClientApp exception as ``<class 'X'>:<'text'>``, where for its own
     ClientAppException the text is "\\nException ClientAppException occurred. Message: ...";
     this app's own error replies are already one line.
     """
-    reason = reason.strip()
+    reason = (reason or "").strip()
     match = _FLOWER_REASON.match(reason)
     if match:
         name, text = match["cls"].rsplit(".", 1)[-1], match["text"]
@@ -150,7 +150,7 @@ class Aggregation:
         for reply in self.replies:
             if reply.has_error():
                 continue
-            losses += [float(r[TRAIN_LOSS]) for r in reply.content.metric_records.values() if TRAIN_LOSS in r]
+            losses += [number(r, TRAIN_LOSS) for r in reply.content.metric_records.values() if TRAIN_LOSS in r]
             steps += [_distance(sent, arrays) for arrays in reply.content.array_records.values()]
         return RoundEvidence(
             client_losses_finite=all(math.isfinite(loss) for loss in losses),
@@ -198,7 +198,7 @@ class StrategyHooks:
 
 def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
     """Stop before a NaN/inf model is evaluated, recorded or checkpointed."""
-    loss = float(metrics[TRAIN_LOSS]) if metrics is not None and TRAIN_LOSS in metrics else 0.0
+    loss = number(metrics, TRAIN_LOSS) if metrics is not None and TRAIN_LOSS in metrics else 0.0
     weights_ok = arrays is None or weights_are_finite(arrays.to_torch_state_dict())
     if not (math.isfinite(loss) and weights_ok):
         raise TrainingDiverged(
@@ -236,7 +236,7 @@ class AppHooks:
         wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
         round_number = hooks.recorder.global_round(server_round)
         hooks.sent_arrays = arrays
-        hooks.sent = list(super().configure_train(round_number, arrays, config, grid))  # type: ignore[misc]
+        hooks.sent = list(super().configure_train(round_number, arrays, config, grid))  # type: ignore[misc]  # mixin
         return hooks.sent
 
     def configure_evaluate(
@@ -245,7 +245,7 @@ class AppHooks:
         hooks = self.app_hooks
         wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
         round_number = hooks.recorder.global_round(server_round)
-        hooks.sent = list(super().configure_evaluate(round_number, arrays, config, grid))  # type: ignore[misc]
+        hooks.sent = list(super().configure_evaluate(round_number, arrays, config, grid))  # type: ignore[misc]  # mixin
         return hooks.sent
 
     def aggregate_train(
@@ -261,7 +261,7 @@ class AppHooks:
                 f"min-train-nodes={hooks.min_train_nodes}; fix the failing nodes (errors above), "
                 "or lower min-train-nodes, then resume with resume-from"
             )
-        arrays, metrics = super().aggregate_train(round_number, replies)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(round_number, replies)  # type: ignore[misc]  # mixin
         if hooks.sent_arrays is not None:
             hooks.last_aggregation = Aggregation(hooks.sent_arrays, replies, arrays)
         check_finite(round_number, arrays, metrics)
@@ -274,7 +274,7 @@ class AppHooks:
         replies = list(replies)
         round_number = hooks.recorder.global_round(server_round)
         hooks.report_failures(round_number, "evaluate", replies)
-        metrics = super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]
+        metrics = super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]  # mixin
         if metrics is not None:
             hooks.recorder.add_client_metrics(metrics)
         return metrics

@@ -76,9 +76,9 @@ class DpAccounting:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]  # mixin
         if arrays is not None:  # Flower released a noised mean: this round spent privacy
-            self.accountant.step(self.noise_multiplier, self.sampling_rate)  # type: ignore[attr-defined]
+            self.accountant.step(self.noise_multiplier, self.sampling_rate)  # type: ignore[attr-defined]  # mixin
         self.on_epsilon(self.accountant.epsilon())
         return arrays, metrics
 
