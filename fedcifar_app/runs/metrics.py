@@ -32,6 +32,13 @@ def number(values: Mapping[str, Any], key: str) -> float:
     return value
 
 
+def scalars(values: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers among ``values`` (a Flower record may also hold lists)."""
+    return {
+        key: value for key, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 def _finite_or_none(value: Any) -> float | None:
     if value is None:
         return None

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -22,7 +22,7 @@ from flwr.serverapp import Grid
 
 from ..errors import RunAborted, TrainingDiverged
 from ..logs import APP_LOGGER
-from ..runs.metrics import TRAIN_LOSS, number
+from ..runs.metrics import TRAIN_LOSS, number, scalars
 from ..training import weights_are_finite
 from .divergence import RoundEvidence
 
@@ -207,7 +207,13 @@ def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricR
         )
 
 
-class AppHooks:
+if TYPE_CHECKING:  # the type checker reads the mixin as going before FedAvg, whose hooks every strategy shares
+    from flwr.serverapp.strategy import FedAvg as _FlowerStrategy
+else:
+    _FlowerStrategy = object
+
+
+class AppHooks(_FlowerStrategy):
     """Mixin placed before a Flower strategy class (see ``with_app_hooks``). What it does to Flower's calls:
 
     - ``server_round``: Flower's ``start`` counts this process's rounds from 1. Each hook passes the run's
@@ -236,7 +242,7 @@ class AppHooks:
         wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
         round_number = hooks.recorder.global_round(server_round)
         hooks.sent_arrays = arrays
-        hooks.sent = list(super().configure_train(round_number, arrays, config, grid))  # type: ignore[misc]  # mixin
+        hooks.sent = list(super().configure_train(round_number, arrays, config, grid))
         return hooks.sent
 
     def configure_evaluate(
@@ -245,7 +251,7 @@ class AppHooks:
         hooks = self.app_hooks
         wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
         round_number = hooks.recorder.global_round(server_round)
-        hooks.sent = list(super().configure_evaluate(round_number, arrays, config, grid))  # type: ignore[misc]  # mixin
+        hooks.sent = list(super().configure_evaluate(round_number, arrays, config, grid))
         return hooks.sent
 
     def aggregate_train(
@@ -261,12 +267,12 @@ class AppHooks:
                 f"min-train-nodes={hooks.min_train_nodes}; fix the failing nodes (errors above), "
                 "or lower min-train-nodes, then resume with resume-from"
             )
-        arrays, metrics = super().aggregate_train(round_number, replies)  # type: ignore[misc]  # mixin
+        arrays, metrics = super().aggregate_train(round_number, replies)
         if hooks.sent_arrays is not None:
             hooks.last_aggregation = Aggregation(hooks.sent_arrays, replies, arrays)
         check_finite(round_number, arrays, metrics)
         if metrics is not None:
-            hooks.recorder.add_client_metrics(metrics)
+            hooks.recorder.add_client_metrics(scalars(metrics))
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -274,9 +280,9 @@ class AppHooks:
         replies = list(replies)
         round_number = hooks.recorder.global_round(server_round)
         hooks.report_failures(round_number, "evaluate", replies)
-        metrics = super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]  # mixin
+        metrics = super().aggregate_evaluate(round_number, replies)
         if metrics is not None:
-            hooks.recorder.add_client_metrics(metrics)
+            hooks.recorder.add_client_metrics(scalars(metrics))
         return metrics
 
 

@@ -10,7 +10,7 @@ accountant) through the checkpoint, so a resumed run continues it instead of res
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -57,7 +57,13 @@ def nodes_sampled(config: RunConfig, num_nodes: int) -> int:
     return min(num_nodes, max(int(num_nodes * config.fraction_train), config.min_train_nodes))
 
 
-class DpAccounting:
+if TYPE_CHECKING:  # the type checker reads the mixin as going before a DP wrapper (both share their hooks)
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping as _FlowerDpWrapper
+else:
+    _FlowerDpWrapper = object
+
+
+class DpAccounting(_FlowerDpWrapper):
     """Mixin before a Flower DP wrapper: after each round whose update was released (noised), account it."""
 
     def __init__(
@@ -76,9 +82,9 @@ class DpAccounting:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]  # mixin
+        arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:  # Flower released a noised mean: this round spent privacy
-            self.accountant.step(self.noise_multiplier, self.sampling_rate)  # type: ignore[attr-defined]  # mixin
+            self.accountant.step(self.noise_multiplier, self.sampling_rate)
         self.on_epsilon(self.accountant.epsilon())
         return arrays, metrics
 
