@@ -56,3 +56,6 @@ def test_the_study_passes_each_file_as_one_valid_run_config_string(path: Path, t
     RunConfig.from_run_config(get_fused_config_from_dir(PROJECT, parsed))
     smoke = study.run_config_for(path, "synthetic", 1, tmp_path / "runs", rounds=2, nodes=3)
     assert RunConfig.from_run_config(get_fused_config_from_dir(PROJECT, smoke)).min_available_nodes == 3
+    command = study.flwr_command(smoke, nodes=3)
+    federation = pyproject.parse_overrides(command[command.index("--federation-config") + 1], "--federation-config")
+    assert federation["options.num-supernodes"] == 3
