@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_NODES, encode_image, federation_override, make_parquet_dataset, run_flwr, write_parquet_split
+from support.datasets import encode_image, make_parquet_dataset, write_parquet_split
+from support.flwr_run import SMALL_NODES, run_flwr, small_federation
 from support.inprocess import run_inprocess
 
 from fedcifar_app.config import DeviceChoice, NodeData, RunConfig
@@ -250,7 +251,7 @@ def test_flwr_run_fails_fast_with_one_error_line_and_a_failed_status(
         f"{dataset} {SMALL_NODES} {override}",
         env=flwr_env,
         timeout=180,
-        federation_config=federation_override(supernodes),
+        federation_config=small_federation(supernodes),
     )
     error_lines = [line for line in run.output.splitlines() if "ERROR" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], run.output[-3000:]

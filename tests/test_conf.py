@@ -6,8 +6,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
+from support.flwr_run import PROJECT
 
 from fedcifar_app import pyproject
 from fedcifar_app.config import RunConfig

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_FEDERATION, SMALL_NODES
 from support.deployment import LocalDeployment
-from support.flwr_run import FlwrRun, flwr_environment
+from support.flwr_run import SMALL_FEDERATION, SMALL_NODES, FlwrRun, flwr_environment
 
 from fedcifar_app.config import RunConfig
 from fedcifar_app.errors import ConfigError

@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_NODES, run_flwr
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from support.flwr_run import PROJECT
+from support.datasets import small_synthetic
+from support.flwr_run import PROJECT, SMALL_NODES, run_flwr
 from support.inprocess import run_inprocess
 from support.recorder import MemoryRecorder
-from test_board import read_scalars
-from test_training import small_synthetic
+from support.tensorboard import read_scalars
 
 from fedcifar_app import training
 from fedcifar_app.client.app import client_dp_clipping
