@@ -79,17 +79,28 @@ def test_a_key_the_strategy_ignores_is_refused_in_one_line(strategy, key, value)
     assert f"{key}={value!r}" in message and f"strategy={strategy!r}" in message and "\n" not in message
 
 
-def test_dp_keys_need_dp_on_and_strategy_names_are_checked():
+def test_dp_keys_need_dp_on():
     with pytest.raises(ConfigError, match=r"dp-noise-multiplier=0.5 has no effect with dp='off'"):
         RunConfig.from_run_config({"dp-noise-multiplier": 0.5})
-    with pytest.raises(ConfigError, match=r"strategy='fedsgd' is not allowed: use one of 'fedavg', 'fedprox'"):
-        RunConfig.from_run_config({"strategy": "fedsgd"})
-    with pytest.raises(ConfigError, match=r"dp='local' is not allowed: use one of 'off', 'central', 'client'"):
-        RunConfig.from_run_config({"dp": "local"})
-    for key, value in (("dp-noise-multiplier", 0.0), ("dp-clipping-norm", -1.0), ("dp-delta", 1.0)):
-        with pytest.raises(ConfigError, match=key):
-            RunConfig.from_run_config({"dp": "central", key: value})
     assert RunConfig.from_run_config({"dp": "client", "dp-noise-multiplier": 0.3}).dp_noise_multiplier == 0.3
+
+
+@pytest.mark.parametrize(
+    "key, value, choices",
+    [
+        ("strategy", "fedsgd", ", ".join(repr(spec.name) for spec in STRATEGY_SPECS)),
+        ("dp", "local", "'off', 'central', 'client'"),
+    ],
+)
+def test_an_unknown_name_lists_the_choices(key, value, choices):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r} is not allowed: use one of {choices}")):
+        RunConfig.from_run_config({key: value})
+
+
+@pytest.mark.parametrize("key, value", [("dp-noise-multiplier", 0.0), ("dp-clipping-norm", -1.0), ("dp-delta", 1.0)])
+def test_dp_values_out_of_range_are_refused(key, value):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r} is not allowed")):
+        RunConfig.from_run_config({"dp": "central", key: value})
 
 
 # A value other than its default for every strategy key, so a test sees each reach Flower. A new key needs
