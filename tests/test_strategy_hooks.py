@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from support.recorder import MemoryRecorder
 
-from fedcifar_app.compat import ErrorCode
+from fedcifar_app.compat import ErrorCode, MessageType
 from fedcifar_app.errors import RunAborted, TrainingDiverged
 from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import new_model
@@ -36,13 +37,19 @@ CLIENT_APP_EXCEPTION = (
 )
 
 
+def metadata(**fields) -> Metadata:
+    """Message metadata as a grid leaves it once pushed (every field set)."""
+    defaults = {"run_id": 1, "message_id": "", "src_node_id": 0, "reply_to_message_id": "", "group_id": "1"}
+    defaults |= {"created_at": time.time(), "ttl": 600.0, "message_type": MessageType.TRAIN}
+    return Metadata(**(defaults | fields))
+
+
 def sent_to(*node_ids: int) -> list[Message]:
-    messages = []
-    for node_id in node_ids:
-        message = Message(RecordDict(), dst_node_id=node_id, message_type="train")
-        message.metadata.__dict__["_message_id"] = f"message-to-{node_id}"  # as Flower's grids do when they push
-        messages.append(message)
-    return messages
+    """Train messages as the grid has pushed them: each with its message id."""
+    return [
+        Message(content=RecordDict(), metadata=metadata(message_id=f"message-to-{node_id}", dst_node_id=node_id))
+        for node_id in node_ids
+    ]
 
 
 def ok_reply(message: Message, **metrics: float) -> Message:
@@ -50,10 +57,15 @@ def ok_reply(message: Message, **metrics: float) -> Message:
 
 
 def error_reply(message: Message, reason: str, src: int | None = None) -> Message:
-    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-    if src is not None:
-        reply.metadata.__dict__["_src_node_id"] = src
-    return reply
+    """A failed reply to ``message``, from its node or (``src``) from another one, such as the SuperLink."""
+    error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+    if src is None:
+        return Message(error, reply_to=message)
+    answered = message.metadata
+    return Message(
+        error=error,
+        metadata=metadata(src_node_id=src, dst_node_id=answered.src_node_id, reply_to_message_id=answered.message_id),
+    )
 
 
 def test_short_reason_keeps_the_clientapp_message_of_flowers_traceback():
