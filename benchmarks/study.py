@@ -1,4 +1,4 @@
-"""The strategy/DP study of README "Experiments": every conf/*.toml x seeds, then fedcifar-compare.
+"""The strategy/DP study of docs/experiments.md: every conf/*.toml x seeds, then fedcifar-compare.
 
     python benchmarks/study.py --dataset ../shared/data/cifar10 --out study            # the study
     python benchmarks/study.py --dataset synthetic --rounds 2 --seeds 1 --nodes 3 --out /tmp/s  # a smoke run

@@ -32,7 +32,7 @@ def test_conf_file_is_a_valid_run_config_that_leaves_where_and_which_data_to_the
     config = RunConfig.from_run_config(get_fused_config_from_dir(PROJECT, overrides))
     assert config.num_server_rounds == 20 and config.min_train_nodes == 10  # the study: 10 nodes, 20 rounds
     assert not {"dataset", "seed", "output-dir", "resume-from"} & set(overrides)
-    # So the pyproject default applies: the hub id, which needs internet (README says how to point at a copy).
+    # So the pyproject default applies: the hub id, which needs internet (docs/experiments.md says how to point at a copy).
     assert config.dataset == RunConfig().dataset
 
 

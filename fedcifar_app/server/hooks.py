@@ -103,7 +103,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, simulation: bool)
                 f"the simulated federation has {len(node_ids)} SuperNodes but the run config needs {needed} "
                 "(min-available-nodes / min-train-nodes / min-evaluate-nodes): lower them with --run-config "
                 f"or raise options.num-supernodes in pyproject.toml (a --federation-config override must restate "
-                "every other option too, see README)"
+                "every other option too, see docs/configuration.md)"
             )
         previous_count = len(node_ids)
         if not simulation and now >= deadline:
