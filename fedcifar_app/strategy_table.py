@@ -4,9 +4,11 @@
 ``server/strategy_builder.py`` builds Flower's class from it (constructor arguments, the server
 optimizer state a checkpoint carries, extra checks), and a diverged run's hint names its suspects
 from it. Flower-free and torch-free: the class is named, ``flwr.serverapp.strategy`` holds it.
-Adding a strategy is one ``StrategySpec`` here plus its test (docs/experiments.md, "How to add a
-strategy"); a new hyperparameter key also needs its ``RunConfig`` field and its line in pyproject.toml,
-since Flower refuses run-config keys that pyproject.toml does not declare.
+Adding a strategy is one ``StrategySpec`` here, its row in docs/experiments.md and its name in
+pyproject.toml's ``strategy`` comment (tests/test_strategies.py checks that the three agree and runs
+every entry); a new hyperparameter key also needs its ``RunConfig`` field and its line in
+pyproject.toml, since Flower refuses run-config keys that pyproject.toml does not declare. See
+docs/experiments.md, "How to add a strategy".
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def blame(config: RunConfig, evidence: RoundEvidence | None, sampled: int) -> Bl
     noise_keys = DP_NOISE_KEYS if config.dp is not DpMode.OFF else ()
     everyone = CLIENT_STEP_KEYS + server_keys + noise_keys
     if evidence is None or evidence.server_step is None:
-        return Blame(everyone, "no aggregation of this run to tell them apart", sure=len(everyone) == 1)
+        return Blame(everyone, "no aggregation to go by", sure=len(everyone) == 1)
     if not evidence.client_losses_finite or not math.isfinite(evidence.client_step):
         return Blame(CLIENT_STEP_KEYS, "the clients' own training went non-finite", sure=True)
     client, server = evidence.client_step, evidence.server_step
