@@ -7,7 +7,7 @@ same run config (``[tool.flwr.app.config]`` in pyproject.toml, validated by
 accuracy at the end. It answers "what does one client reach on its own?", the number
 federated training has to beat.
 
-    fedcifar-centralized --run-config "dataset='../shared/data/cifar10'" --epochs 5
+    fedcifar-centralized --run-config "dataset='/path/to/cifar10'" --epochs 5
 
 Like the Flower tutorial, each epoch is one call of the training loop (a fresh Adam per
 epoch, as each federated round gets), followed by a validation pass.
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The centralized baseline: train the app's CNN on one partition, as one client would alone.",
         epilog=(
             "Settings come from [tool.flwr.app.config] in <app>/pyproject.toml, overridden by --run-config, "
-            "e.g. --run-config \"dataset='../shared/data/cifar10' batch-size=64\"."
+            "e.g. --run-config \"dataset='/path/to/cifar10' batch-size=64\"."
         ),
     )
     parser.add_argument(

@@ -127,7 +127,7 @@ def read_hf_split(source: HubDataset | LocalFolder, split: str, key: str) -> tup
         name = source.hub_id if isinstance(source, HubDataset) else str(source.path)
         raise DataError(
             f"{key}={name!r} could not be loaded ({type(err).__name__}: {first_line(err)}); "
-            "without internet access pass a local folder, e.g. dataset='../shared/data/cifar10'"
+            "without internet access pass a local folder, e.g. dataset='/path/to/cifar10'"
         ) from None
     if split not in dataset_dict:
         raise DataError(f"{key}: the dataset has splits {list(dataset_dict)} but no {split!r} split")
