@@ -127,21 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
             "e.g. --run-config \"dataset='/path/to/cifar10' batch-size=64\"."
         ),
     )
-    parser.add_argument("--app", default=".", help="the Flower app folder whose pyproject.toml to read (default: .)")
+    parser.add_argument(
+        "--app", default=".", help="the Flower app folder whose pyproject.toml to read (default: %(default)s)"
+    )
     parser.add_argument(
         "--run-config",
         default="",
         metavar="'K=V ...'",
         help="run-config overrides, the syntax of `flwr run --run-config`",
     )
-    parser.add_argument("--partition-id", type=int, default=0, help="which partition to train on (default: 0)")
+    parser.add_argument(
+        "--partition-id", type=int, default=0, help="which partition to train on (default: %(default)s)"
+    )
     parser.add_argument(
         "--num-partitions",
         type=int,
         default=10,
-        help="how many partitions the training split is divided into (default: 10)",
+        help="how many partitions the training split is divided into (default: %(default)s)",
     )
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

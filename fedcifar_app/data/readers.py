@@ -114,7 +114,7 @@ def read_image_folder_split(root: Path, files: list[Path]) -> tuple[np.ndarray, 
     return images, np.array([label_of[f.parent.name] for f in files], dtype=np.int64)
 
 
-def read_hf_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+def read_hf_split(source: HubDataset | LocalFolder, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Hub ids and save_to_disk folders go through Hugging Face ``datasets``."""
     import datasets
 
@@ -148,9 +148,11 @@ def read_hf_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray,
 
 def _read_image_file(path: str | None, where: str) -> bytes:
     """An image a Hugging Face dataset stores by path rather than by bytes."""
+    if path is None:
+        raise DataError(f"{where}: an image has neither bytes nor a file path; rebuild the dataset")
     try:
-        return Path(path).read_bytes()  # type: ignore[arg-type]
-    except (OSError, TypeError) as err:
+        return Path(path).read_bytes()
+    except OSError as err:
         raise DataError(f"{where}: cannot read image file {path} ({err}); restore it or rebuild the dataset") from None
 
 
