@@ -160,13 +160,14 @@ class Monitor:
             rss += status_kb(pid, "VmRSS")
             pid_pss = pss_kb(pid) if with_pss else 0
             pss += pid_pss
-            if int(fields[1]) in self.warm_parents:
-                kind = "child"
-            elif b"flwr-clientapp" in _cmdline(pid):
-                kind = "process"
-            else:
-                continue
-            seen = self.clientapps.setdefault(pid, ClientAppProcess(pid, kind))
+            seen = self.clientapps.get(pid)  # a zombie's cmdline is empty: known pids stay known
+            if seen is None:
+                if int(fields[1]) in self.warm_parents:
+                    seen = self.clientapps[pid] = ClientAppProcess(pid, "child")
+                elif b"flwr-clientapp" in _cmdline(pid):
+                    seen = self.clientapps[pid] = ClientAppProcess(pid, "process")
+                else:
+                    continue
             seen.cpu_ticks = max(seen.cpu_ticks, ticks)
             seen.exited = seen.exited or fields[0] == "Z"
             seen.hwm_kb = max(seen.hwm_kb, status_kb(pid, "VmHWM"))

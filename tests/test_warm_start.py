@@ -88,7 +88,7 @@ def test_folder_is_owner_only_and_puts_the_shim_first(tmp_path: Path) -> None:
     assert (folder.path.stat().st_mode & 0o777) == 0o700
     assert Path(os.readlink(folder.bin / "flwr-clientapp")) == BIN / "fedcifar-warm-shim"
     env = folder.environment({"PATH": "/usr/bin", "HOME": "/h"})
-    assert env["PATH"] == f"{folder.bin}{os.pathsep}/usr/bin" and env[protocol.SOCKET_ENV] == str(folder.socket)
+    assert env["PATH"] == f"{folder.bin}{os.pathsep}/usr/bin" and env[protocol.SOCKET_ENV] == str(folder.socket_path)
     folder.path.chmod(0o755)
     assert (WarmFolder.prepare(tmp_path / "warm").path.stat().st_mode & 0o777) == 0o700  # made private again
     assert not folder.answers()
@@ -232,11 +232,11 @@ def test_an_unsafe_or_missing_parent_means_cold_with_one_warning(tmp_path: Path)
     finally:
         log = unsafe.stop()
     assert "0 ClientApps started warm" in log and "1 refused" in log, log
-    assert not unsafe.folder.socket.exists()  # removed on the way out
+    assert not unsafe.folder.socket_path.exists()  # removed on the way out
     gone = unsafe.shim("--help")
     out, err = gone.communicate(timeout=120)
     assert gone.returncode == 0 and "usage: flwr-clientapp" in out
-    assert err.count("WARNING") == 1 and f"no warm parent at {unsafe.folder.socket}" in err, err
+    assert err.count("WARNING") == 1 and f"no warm parent at {unsafe.folder.socket_path}" in err, err
 
 
 # --------------------------------------------------------------------------- real deployments

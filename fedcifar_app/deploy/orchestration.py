@@ -190,7 +190,7 @@ def start_warm_parent(
 ) -> ReadinessCheck:
     """Start `fedcifar-warm` for these SuperNodes (it ends when they all have); ready once it accepts."""
     command = warm_parent_command(folder.path, supernode_pids)
-    process = launcher.launch(WARM_PARENT_NAME, command, env, address=f"socket {folder.socket}")
+    process = launcher.launch(WARM_PARENT_NAME, command, env, address=f"socket {folder.socket_path}")
     log_path = launcher.logs / f"{WARM_PARENT_NAME}.log"
     return ReadinessCheck(WARM_PARENT_NAME, process, log_path, folder.answers, "importing torch and Flower")
 

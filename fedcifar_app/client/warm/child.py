@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import importlib
+import io
 import os
 import resource
 import selectors
@@ -217,6 +218,7 @@ class ChildStart:
         for number in signal.valid_signals():
             if number in UNCATCHABLE:
                 continue
+            handler: Any
             if number in ignored:
                 handler = signal.SIG_IGN
             elif number == signal.SIGINT:
@@ -232,7 +234,7 @@ class ChildStart:
             os.close(fd)
         self.stdio = []
         environ = dict(entry.partition("=")[::2] for entry in request["environ"])
-        if not environ.get("PYTHONUNBUFFERED"):
+        if not environ.get("PYTHONUNBUFFERED") and isinstance(sys.stdout, io.TextIOWrapper):
             sys.stdout.reconfigure(line_buffering=os.isatty(1))  # what the interpreter decides at start
         os.chdir(request["cwd"])
         os.umask(int(request["umask"]))

@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> object:
-    """Entry point of ``fedcifar-warm``; in a forked child, Flower's flwr-clientapp instead."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fedcifar-warm``; in a forked child, Flower's flwr-clientapp instead (never returns)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     command = list(args.command)
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> object:
     owner = os.getpid()
     temporary = None if args.dir else Path(tempfile.mkdtemp(prefix="fedcifar-warm-"))
     try:
-        folder = WarmFolder.prepare(Path(args.dir) if args.dir else temporary)
+        folder = WarmFolder.prepare(temporary or Path(args.dir))
         outcome = start_parent(folder, args.preload or DEFAULT_PRELOAD, args.exit_with, command)
     except WarmStartError as err:
         parser.exit(2, f"fedcifar-warm: error: {err}\n")

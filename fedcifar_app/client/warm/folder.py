@@ -39,7 +39,7 @@ class WarmFolder:
     path: Path
 
     @property
-    def socket(self) -> Path:
+    def socket_path(self) -> Path:
         return self.path / protocol.SOCKET_NAME
 
     @property
@@ -67,34 +67,34 @@ class WarmFolder:
         """``base`` with the shim first on PATH and the socket named: a SuperNode's warm-start environment."""
         env = dict(base)
         env["PATH"] = os.pathsep.join([str(self.bin), env.get("PATH", os.defpath)])
-        env[protocol.SOCKET_ENV] = str(self.socket)
+        env[protocol.SOCKET_ENV] = str(self.socket_path)
         return env
 
     def answers(self) -> bool:
         """True when a warm parent accepts connections on the socket."""
         try:
-            protocol.connect(str(self.socket), timeout_s=1.0).close()
+            protocol.connect(str(self.socket_path), timeout_s=1.0).close()
         except OSError:
             return False
         return True
 
     def bind(self, listener: socket.socket) -> int:
         """Bind `listener` to the socket path; its inode. A stale socket file is replaced, a live parent is not."""
-        if self.socket.exists() or self.socket.is_symlink():
+        if self.socket_path.exists() or self.socket_path.is_symlink():
             if self.answers():
-                raise WarmStartError(f"a warm parent already serves {self.socket}; stop it first")
-            self.socket.unlink()
+                raise WarmStartError(f"a warm parent already serves {self.socket_path}; stop it first")
+            self.socket_path.unlink()
         folder_fd = os.open(self.path, os.O_PATH | os.O_DIRECTORY)
         try:
-            listener.bind(protocol.short_path(str(self.socket), folder_fd))
+            listener.bind(protocol.short_path(str(self.socket_path), folder_fd))
         finally:
             os.close(folder_fd)
-        return self.socket.lstat().st_ino
+        return self.socket_path.lstat().st_ino
 
     def unbind(self, inode: int | None) -> None:
         """Remove the socket file if it is still the one bound with `inode` (a later parent's stays)."""
         try:
-            if inode is not None and self.socket.lstat().st_ino == inode:
-                self.socket.unlink()
+            if inode is not None and self.socket_path.lstat().st_ino == inode:
+                self.socket_path.unlink()
         except OSError:
             pass

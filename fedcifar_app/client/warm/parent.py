@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ...logs import APP_LOGGER
 from . import protocol
@@ -251,7 +251,7 @@ class WarmParent:
         watched: dict[int, int] = {}  # pidfd -> pid of a SuperNode (or the wrapped command)
         received: list[int] = []
         command: subprocess.Popen[bytes] | None = None
-        owned = [selector, wake_read, wake_write, listener]
+        owned: list[selectors.BaseSelector | socket.socket] = [selector, wake_read, wake_write, listener]
         socket_inode: int | None = None
 
         def on_signal(number: int, _frame: object) -> None:
@@ -293,7 +293,7 @@ class WarmParent:
                         pending[conn] = time.monotonic()
                         selector.register(conn, selectors.EVENT_READ, "request")
                     elif what == "request":
-                        conn = key.fileobj
+                        conn = cast(socket.socket, key.fileobj)
                         selector.unregister(conn)
                         del pending[conn]
                         outcome = self._start(conn, owned + list(pending) + [r.conn for r in running.values()])
@@ -352,7 +352,7 @@ class WarmParent:
         logger.info(
             "warm start: parent pid %d ready on %s (preloaded %s in %.1f s, %.1f CPU-s); serving %s",
             self.pid,
-            self.folder.socket,
+            self.folder.socket_path,
             ", ".join(self.preloaded.modules),
             self.preloaded.seconds,
             self.preloaded.cpu_seconds,
