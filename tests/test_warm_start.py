@@ -5,7 +5,7 @@ What each deployment test shows, judged by what the run wrote and what the proce
 - warm and cold runs of the same seed give the same metrics; each warm ClientApp ran the FAB's code
   (an instrumented app copy, tests/support/instrumented_app.py) with a cold process's thread counts;
 - the warm parent killed mid-run: the remaining messages start cold, one warning line each, and the
-  run completes; `status` says so;
+  run completes; `status` says so; SuperNodes killed: their warm parent ends with them;
 - a ClientApp that crashes in training is named in its round's failures, as a cold one is;
 - `fedcifar-deploy down` leaves no process of the warm path;
 - a plain `flower-supernode` under `fedcifar-warm` is served warm with its own thread settings, and
@@ -340,6 +340,24 @@ def test_warm_parent_killed_mid_run_the_rest_runs_cold(deployment: LocalDeployme
     assert cold_starts == len(ran_after) >= 3, (cold_starts, ran_after)  # round 3 at least: one line each
     status = deployment.deploy_cli("status")
     assert status.returncode == 1 and "ClientApps: cold, each with a warning" in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+def test_warm_parent_ends_with_its_supernodes(deployment: LocalDeployment) -> None:
+    """SIGKILLed SuperNodes (their whole process groups) take their warm parent along: it serves nobody
+    any more, so it removes its socket and ends, as a SuperNode's SuperExec ends with it."""
+    deployment.up()
+    parent = deployment.record("warm-start")
+    for name in ("supernode-0", "supernode-1"):
+        deployment.kill(name)
+    deadline = time.monotonic() + 15
+    while session_members(parent.pid):
+        assert time.monotonic() < deadline, (
+            f"the warm parent outlived its SuperNodes: {warm_path_processes(deployment)}"
+        )
+        time.sleep(0.1)
+    assert not (deployment.dir / "warm" / "parent.sock").exists()
+    assert "ends; 0 ClientApps started warm" in deployment.warm_parent_log.read_text()
 
 
 @pytest.mark.slow
