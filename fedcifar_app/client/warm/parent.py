@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,9 @@ def preload(modules: Sequence[str]) -> Preloaded:
 
 def settle() -> None:
     """One throwaway fork: OpenBLAS's atfork handler stops the worker pool that numpy started at load."""
-    pid = os.fork()
+    with warnings.catch_warnings():  # Python 3.12+ warns of a fork beside that thread: this one is the cure
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
