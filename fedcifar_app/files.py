@@ -54,7 +54,11 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     (so after a crash the target is the old file or the new one, never cut short). On any failure the
     temporary file is removed, so a full disk is not filled further, and the OSError is raised."""
     path = Path(path)
-    handle, temporary = _new_file(path.parent, f".{path.name}.")
+    try:
+        handle, temporary = _new_file(path.parent, f".{path.name}.")
+    except OSError as err:
+        err.filename = str(path)
+        raise
     try:
         with os.fdopen(handle, "wb") as stream:
             with contextlib.suppress(FileNotFoundError):  # a rewrite keeps the file's mode, as open() would
@@ -63,9 +67,11 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):  # the folder may be gone or read-only by now
             temporary.unlink()
+        if isinstance(err, OSError):  # name the target, not the temporary file (a failed write names none)
+            err.filename = str(path)
         raise
     _fsync_folder(path.parent)
 
