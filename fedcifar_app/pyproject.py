@@ -32,6 +32,8 @@ def read_pyproject(app: Path) -> dict[str, Any]:
             return tomli.load(handle)
     except tomli.TOMLDecodeError as err:
         raise UsageError(f"{pyproject}: not valid TOML ({err})") from None
+    except OSError as err:
+        raise UsageError(f"{pyproject} cannot be read ({err.strerror}); make it readable") from None
 
 
 def app_run_config(app: Path) -> dict[str, Any]:

@@ -87,6 +87,8 @@ def read_rows(folder: Path) -> list[RoundRow]:
         return [RoundRow.from_json(raw) for raw in json.loads(path.read_text())]
     except FileNotFoundError:
         return []
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror}); make it readable") from None
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(
             f"{path} cannot be read ({type(err).__name__}: {err}); it is not a metrics file this app wrote"

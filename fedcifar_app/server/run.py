@@ -156,6 +156,10 @@ def load_resumed(config: RunConfig) -> Checkpoint | None:
         previous = read_status(source)
     except ValueError as err:
         raise ConfigError(f"run-config resume-from={str(source)!r}: {err}") from None
+    except OSError as err:  # an unreadable status.json (its permissions)
+        raise ConfigError(
+            f"run-config resume-from={str(source)!r}: {err.filename} cannot be read ({err.strerror}); make it readable"
+        ) from None
     if previous.state == "running":
         raise ConfigError(
             f"run-config resume-from={str(source)!r} is still running (pid {previous.pid} on {previous.host}, "
