@@ -5,7 +5,7 @@ What a resume needs (config.json, metrics.json, the models, checkpoint.pt, statu
 with ONE line naming the file, the folder, the fix and the command that continues from the last
 checkpoint; the files written before stay whole and no temporary file is left behind. The pictures,
 TensorBoard and run.log only warn. Faults are injected at the atomic writer (``files``) as the kernel
-raises them: EROFS/EACCES when the temporary file is created, ENOSPC/EDQUOT after half its bytes
+raises them: EROFS/EACCES/EMFILE when the temporary file is created, ENOSPC/EDQUOT after half its bytes
 landed; a deleted folder is deleted for real. The end-to-end test fills a real tmpfs under a real
 `flwr run .` in a private mount namespace and resumes the run elsewhere.
 """
@@ -49,6 +49,10 @@ SAYS = {
     errno.EDQUOT: ("the disk quota is used up (Disk quota exceeded)", "Free space within the quota"),
     errno.EROFS: ("the file system is read-only (Read-only file system)", "Remount it read-write"),
     errno.EACCES: ("permission denied", "Give write permission back"),
+    errno.EMFILE: (
+        "this process has too many open files (Too many open files)",
+        "Raise the open-files limit (ulimit -n)",
+    ),
 }
 
 

@@ -1,7 +1,7 @@
 """Write faults for tests: the app's atomic writes (``fedcifar_app.files``) fail as the kernel fails them.
 
 ``FaultyDisk.fail(name, code, after=0, full=False)`` makes writes of the file called ``name`` fail with
-``OSError(code)`` once ``after`` of them went through: EROFS/EACCES when the temporary file is created
+``OSError(code)`` once ``after`` of them went through: EROFS/EACCES/EMFILE when the temporary file is created
 (the kernel refuses it), any other code (ENOSPC, EDQUOT) after half the bytes landed in it, so the
 temporary file is really there, half written, when the writer must clean it up. ``full=True`` makes
 every later write of any file fail too: a disk that filled up. Tests make one from ``monkeypatch``.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedcifar_app import files
 
-CREATE_ERRORS = (errno.EROFS, errno.EACCES)  # the kernel refuses the new file
+CREATE_ERRORS = (errno.EROFS, errno.EACCES, errno.EMFILE)  # the kernel refuses the new file
 
 
 class HalfWrite:
