@@ -37,7 +37,7 @@ def write_problem(err: OSError) -> tuple[str, str]:
     """(what happened, what fixes it) for an OSError of a write, in a user's words, e.g. ("the disk is
     full (No space left on device)", "free space on it"). Callers add their own alternative (another
     output-dir, --out, --dir) and what comes next."""
-    what, fix = _PROBLEMS.get(err.errno or 0, ("it cannot be written", "fix that"))
+    what, fix = _PROBLEMS.get(err.errno or 0, ("the write failed", "fix that"))
     detail = err.strerror or type(err).__name__
     return (what if what.lower() == detail.lower() else f"{what} ({detail})"), fix
 
