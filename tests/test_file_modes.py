@@ -9,7 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_NODES, make_parquet_dataset
+from support.datasets import make_parquet_dataset
+from support.flwr_run import SMALL_NODES
 from support.inprocess import run_inprocess
 
 from fedcifar_app.data import load_split

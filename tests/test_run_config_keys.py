@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import tomli
-from conftest import run_flwr
-from support.flwr_run import PROJECT
+from support.flwr_run import PROJECT, run_flwr
 
 from fedcifar_app import config as config_module
 from fedcifar_app.config import RunConfig

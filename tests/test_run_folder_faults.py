@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_FEDERATION, SMALL_NODES
 from support.faults import CREATE_ERRORS, FaultyDisk
-from support.flwr_run import FlwrRun, flwr_environment
+from support.flwr_run import SMALL_FEDERATION, SMALL_NODES, FlwrRun, flwr_environment
 from support.inprocess import run_inprocess
 
 from fedcifar_app import files

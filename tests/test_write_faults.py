@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import make_parquet_dataset
+from support.datasets import make_parquet_dataset
 from support.faults import FaultyDisk
 
 from fedcifar_app.config import RunConfig

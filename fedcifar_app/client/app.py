@@ -15,7 +15,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from ..compat import ErrorCode
 from ..config import DpMode
 from ..errors import ConfigError, DataError
-from ..runs.metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS
+from ..runs.metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS, number
 
 if TYPE_CHECKING:
     from .node_job import NodeJob
@@ -34,7 +34,8 @@ def job_for(msg: Message, context: Context) -> NodeJob:
     """This node's job for ``msg``; the first call in a process imports torch and the ML code."""
     from .node_job import NodeJob  # first: Flower's to_torch_state_dict needs torch imported already
 
-    weights = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+    arrays = msg.content.array_records.get("arrays")
+    weights = arrays.to_torch_state_dict() if arrays is not None else None
     return NodeJob.build(context.run_config, context.node_config, weights)
 
 
@@ -65,13 +66,15 @@ def client_dp_clipping(msg: Message, context: Context, call_next: Callable[[Mess
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's training split."""
     job = job_for(msg, context)
-    settings = msg.content["config"]
+    settings = msg.content.config_records["config"]
     weights, train_loss = job.train(
-        int(settings["server-round"]),
-        epochs=int(settings["local-epochs"]),
-        batch_size=int(settings["batch-size"]),
-        learning_rate=float(settings["learning-rate"]),
-        proximal_mu=float(settings.get("proximal-mu", 0.0)),  # FedProx sends it; the term is ours to add
+        int(number(settings, "server-round")),
+        epochs=int(number(settings, "local-epochs")),
+        batch_size=int(number(settings, "batch-size")),
+        learning_rate=number(settings, "learning-rate"),
+        proximal_mu=number(settings, "proximal-mu")
+        if "proximal-mu" in settings
+        else 0.0,  # FedProx sends it; the term is ours
     )
     content = RecordDict(
         {

@@ -17,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..compat import RunNotRunningException
-from ..errors import ConfigError, DataError, RunAborted, RunFolderUnwritable, RunStopped, TrainingDiverged
+from ..errors import ConfigError, DataError, RunAborted, RunFolderUnwritable, RunStopped
 from ..logs import APP_LOGGER
 from ..runs.run_log import run_log
 from .stopping import BY_FLWR_STOP, RunStop
@@ -32,15 +32,15 @@ USER_ERRORS = (ConfigError, DataError, RunAborted)
 def main(grid: Grid, context: Context) -> None:
     """Run the federation; a user error ends it with one ERROR line and a failed status, no traceback;
     a stop (Ctrl-C, SIGTERM, `flwr stop`) with status "stopped", recorded when it came (see stopping)."""
+    from ..config import output_dir_of
     from ..runs.folder import create_run_folder
-    from .run import diverged_advice, run_federation
+    from .run import run_federation
 
     with flower_logs(verbose=context.run_config.get("verbose") is True), contextlib.ExitStack() as logs:
         folder = None
         stop = RunStop()
         try:
-            output_dir = Path(str(context.run_config.get("output-dir", "outputs"))).expanduser().resolve()
-            folder = create_run_folder(output_dir)
+            folder = create_run_folder(output_dir_of(context.run_config))
             logs.enter_context(run_log(folder))
             run_federation(grid, context, folder, stop)
         except RunStopped:
@@ -49,12 +49,9 @@ def main(grid: Grid, context: Context) -> None:
             stop.request(BY_FLWR_STOP)
             raise  # Flower's flwr-serverapp ends a stopped run on this
         except USER_ERRORS as err:
-            message = str(err)
-            if isinstance(err, TrainingDiverged):
-                message += diverged_advice(context, folder)
-            line, recorded = message, False
+            line, recorded = str(err), False
             if folder is not None and not stop.requested:
-                line, recorded = record_failure(folder, message, err)
+                line, recorded = record_failure(folder, str(err), err)
             logger.error("%s", line)  # the run's one line; it says so when status.json could not take it
             if recorded:
                 logger.info("Run folder (status: failed): %s", folder)

@@ -12,6 +12,7 @@ from ..compat import MessageType
 from ..config import RunConfig
 from ..errors import RunAborted
 from ..logs import APP_LOGGER
+from ..runs.metrics import number
 from ..seeds import derive_seed
 from .hooks import replies_by_node, short_reason
 
@@ -52,7 +53,7 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig, *, simul
             failures.append(f"node {node_id}: {short_reason(reply.error.reason)}")
         else:
             names[node_id] = str(reply.content["info"]["data"])
-            train_sizes.append(int(reply.content["metrics"]["num-train"]))
+            train_sizes.append(int(number(reply.content.metric_records["metrics"], "num-train")))
     needed = max(config.min_train_nodes, config.min_evaluate_nodes)
     if len(names) < needed:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
