@@ -137,6 +137,20 @@ def test_sigterm_to_flwr_alone_stops_the_run_like_ctrl_c(tmp_path):
     assert_stopped(folder, gone_after, output, log_line=False)
 
 
+def test_a_run_gets_sigint_at_its_default_even_when_the_suite_ignores_it(tmp_path):
+    """A suite started as a background job of a script inherits SIGINT ignored (POSIX shells do that) and
+    an ignored signal stays ignored across exec: FlwrRun must not pass that on, or the Ctrl-C tests above
+    see `flwr run` complete instead of stop."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = FlwrRun(tmp_path / "outputs", "", env=dict(os.environ), log_path=tmp_path / "child.log")
+        child.command = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"]
+        child.start().wait(60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert child.output.strip() == str(signal.default_int_handler), child.output
+
+
 # --------------------------------------------------------------------------- read_status
 
 

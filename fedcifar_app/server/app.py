@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..compat import RunNotRunningException
-from ..errors import ConfigError, DataError, RunAborted, RunStopped
+from ..errors import ConfigError, DataError, RunAborted, RunFolderUnwritable, RunStopped
 from ..logs import APP_LOGGER
 from ..runs.run_log import run_log
 from .stopping import BY_FLWR_STOP, RunStop
@@ -33,7 +34,6 @@ def main(grid: Grid, context: Context) -> None:
     a stop (Ctrl-C, SIGTERM, `flwr stop`) with status "stopped", recorded when it came (see stopping)."""
     from ..config import output_dir_of
     from ..runs.folder import create_run_folder
-    from ..runs.status import write_status
     from .run import run_federation
 
     with flower_logs(verbose=context.run_config.get("verbose") is True), contextlib.ExitStack() as logs:
@@ -49,17 +49,36 @@ def main(grid: Grid, context: Context) -> None:
             stop.request(BY_FLWR_STOP)
             raise  # Flower's flwr-serverapp ends a stopped run on this
         except USER_ERRORS as err:
-            message = str(err)
-            logger.error("%s", message)
+            line, recorded = str(err), False
             if folder is not None and not stop.requested:
-                write_status(folder, "failed", message)
+                line, recorded = record_failure(folder, str(err), err)
+            logger.error("%s", line)  # the run's one line; it says so when status.json could not take it
+            if recorded:
                 logger.info("Run folder (status: failed): %s", folder)
         except BaseException as err:
             if folder is not None and not stop.requested:  # after a stop, Flower exits by raising
-                write_status(folder, "failed", f"{type(err).__name__}: {err}")
+                record_failure(folder, f"{type(err).__name__}: {err}")
             raise
         finally:
             stop.close()
+
+
+def record_failure(folder: Path, message: str, err: BaseException | None = None) -> tuple[str, bool]:
+    """Status "failed" with ``message``. Returns the run's error line and whether status.json has it: when
+    status.json cannot be written (a full or read-only disk) the line says so, before the command to copy."""
+    from ..files import write_problem
+    from ..runs.status import STATUS, write_status
+
+    extra = {"resume-command": err.resume_command} if isinstance(err, RunFolderUnwritable) else {}
+    try:
+        write_status(folder, "failed", message, **extra)
+    except OSError as status_error:
+        if not isinstance(err, RunFolderUnwritable):
+            return f"{message}; status.json could not be written ({write_problem(status_error)[0]})", False
+        if err.file_name == STATUS:  # the line says so already
+            return message, False
+        return err.with_note(f"; {STATUS} could not be updated either"), False
+    return message, True
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from ..seeds import derive_seed
 from .data_check import check_node_data
 from .divergence import advice, blame
 from .hooks import StrategyHooks, wait_for_nodes
-from .stopping import RunStop, resume_command
+from .stopping import RunStop, continue_command
 from .strategy_builder import build_strategy, nodes_sampled, server_state
 
 logger = logging.getLogger(APP_LOGGER)
@@ -67,7 +67,12 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         test_data = load_split(config.dataset, "test")
         resumed = load_resumed(config)
         stop.check()  # a stop while loading was recorded; "running" must not replace it
-        recorder = RunRecorder.start(folder, config, resumed)
+        recorder = RunRecorder.start(
+            folder,
+            config,
+            resumed,
+            continue_command=lambda last_round: continue_command(config, folder, last_round, simulation=simulation),
+        )
         stop.on_stop = lambda who: record_stop(recorder, config, folder, who, simulation=simulation)
         if stop.requested:  # it came while the recorder started and wrote "running": put "stopped" back
             recorder.set_status("stopped", f"{stop.who} before this run checkpointed a round")
@@ -157,6 +162,10 @@ def load_resumed(config: RunConfig) -> Checkpoint | None:
         previous = read_status(source)
     except ValueError as err:
         raise ConfigError(f"run-config resume-from={str(source)!r}: {err}") from None
+    except OSError as err:  # an unreadable status.json (its permissions)
+        raise ConfigError(
+            f"run-config resume-from={str(source)!r}: {err.filename} cannot be read ({err.strerror}); make it readable"
+        ) from None
     if previous.state == "running":
         raise ConfigError(
             f"run-config resume-from={str(source)!r} is still running (pid {previous.pid} on {previous.host}, "
@@ -178,11 +187,11 @@ def record_stop(recorder: RunRecorder | None, config: RunConfig, folder: Path, w
     """Status "stopped" with who and after which round, and ONE line with the command that resumes."""
     last = recorder.last_round if recorder is not None else -1
     if last >= 0:
-        reason, source = f"{who} after round {last} of {config.num_server_rounds}", folder
+        reason = f"{who} after round {last} of {config.num_server_rounds}"
     else:  # nothing checkpointed here: continue from where this run started, if it was a resume
-        reason, source = f"{who} before this run checkpointed a round", Path(config.resume_from or folder)
+        reason = f"{who} before this run checkpointed a round"
     # The command goes into status.json too: the process may be killed before the log line is out.
-    command = resume_command(config, source, simulation=simulation) if last >= 0 or config.resume_from else None
+    command = continue_command(config, folder, last, simulation=simulation)
     if recorder is not None:
         recorder.set_status("stopped", reason, rounds=last if last >= 0 else None, **{"resume-command": command})
     else:

@@ -130,6 +130,16 @@ def resume_command(config: RunConfig, folder: Path, *, simulation: bool) -> str:
     return f'flwr run .{federation} --run-config "{format_overrides(keep)}"'
 
 
+def continue_command(config: RunConfig, folder: Path, last_round: int, *, simulation: bool) -> str | None:
+    """The command that continues this run: from ``folder`` once it checkpointed a round (``last_round``
+    >= 0), else from the folder this run resumed from; None when neither holds a checkpoint."""
+    if last_round >= 0:
+        return resume_command(config, folder, simulation=simulation)
+    if config.resume_from:
+        return resume_command(config, Path(config.resume_from), simulation=simulation)
+    return None
+
+
 class StoppableGrid(Grid):
     """The simulation grid, with waits that end as soon as the run is stopped: the round in progress
     is abandoned (its replies are dropped) instead of waited for until round-timeout."""

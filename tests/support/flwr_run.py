@@ -35,6 +35,14 @@ RUN_TIMEOUT_S = 300.0
 OUTPUT_DIR = re.compile(r"(?:^|\s)output-dir\s*=\s*['\"]([^'\"]*)['\"]")
 # What a condition of `wait_for` may raise while the run folder or a file in it is not there yet.
 NOT_YET = (AssertionError, FileNotFoundError, ValueError, RuntimeError, EOFError)
+# Runs `argv[1:]` with SIGINT at its default action. A suite started as a background job of a script
+# inherits SIGINT ignored (POSIX shells do that), an ignored signal stays ignored across exec, and then
+# `flwr run` never sees a test's Ctrl-C; Popen has no option for it (restore_signals covers SIGPIPE only).
+WITH_DEFAULT_SIGINT = (
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])",
+)
 
 
 def small_federation(num_supernodes: int = 3) -> str:
@@ -62,6 +70,8 @@ class FlwrRun:
     ``federation`` (the positional federation name and its `--federation-config`, as a deployment
     gives them) goes before the options; ``federation_config`` alone overrides the default
     federation. ``output-dir`` is added to ``run_config`` unless the run config names it already.
+    ``command_prefix`` runs `flwr` through another command (`unshare -m sh -c ...`), which must exec
+    or wait for it; the run always starts with SIGINT at its default action (``WITH_DEFAULT_SIGINT``).
     """
 
     def __init__(
@@ -74,6 +84,7 @@ class FlwrRun:
         federation_config: str | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.output_dir = Path(output_dir)
         if log_path is None:  # beside output_dir, unless that is not a folder (a test of a bad output-dir)
@@ -89,6 +100,7 @@ class FlwrRun:
         self.command = [str(BIN / "flwr"), "run", ".", *federation, *extra_args, "--run-config", run_config]
         if federation_config:
             self.command += ["--federation-config", federation_config]
+        self.command_prefix = list(command_prefix)
         self.env = env
         self.before = set(self.output_dir.iterdir()) if self.output_dir.exists() else set()
         self.process: subprocess.Popen | None = None
@@ -97,7 +109,7 @@ class FlwrRun:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:  # a file, not a pipe: a stray child can never block on it
             self.process = subprocess.Popen(
-                self.command,
+                [*WITH_DEFAULT_SIGINT, *self.command_prefix, *self.command],
                 cwd=PROJECT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
