@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
@@ -14,13 +15,16 @@ from ..errors import RunAborted
 from ..logs import APP_LOGGER
 from ..seeds import derive_seed
 from .hooks import replies_by_node, short_reason
+from .hosts import HostLedger, reply_host
 
 logger = logging.getLogger(APP_LOGGER)
 
 SIMULATION_DATA_CHECK_NODES = 20  # a sample: simulated nodes share one dataset and one config
 
 
-def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig, *, simulation: bool) -> dict[int, str]:
+def check_node_data(
+    grid: Grid, node_ids: list[int], config: RunConfig, *, simulation: bool, hosts: HostLedger | None = None
+) -> dict[int, str]:
     """Ask the nodes to load their data before round 1; return node id -> what data it holds.
 
     Deployed nodes each hold their own data, so every one is asked. Simulated nodes all partition
@@ -28,7 +32,8 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig, *, simul
     min-evaluate-nodes) stands for them: asking 1,000 nodes took 22 s of start-up, 10,000 far
     more (benchmarks/README.md); a node outside the sample that fails is named in its round.
     Nodes whose data fails are named and left out of the count; too few usable nodes stops
-    the run here, before any training.
+    the run here, before any training. Each reply names the host it ran on (``hosts`` counts them):
+    with more than one, the log line says how the sampled nodes spread over them.
     """
     asked = node_ids
     sample_size = max(SIMULATION_DATA_CHECK_NODES, config.min_train_nodes, config.min_evaluate_nodes)
@@ -43,7 +48,9 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig, *, simul
         for node_id in asked
     ]
     replies = replies_by_node(messages, grid.send_and_receive(messages, timeout=config.round_timeout))
-    names, failures, train_sizes = {}, [], []
+    if hosts is not None:
+        hosts.note(replies.values())
+    names, failures, train_sizes, answered = {}, [], [], []
     for node_id in asked:
         reply = replies.get(node_id)
         if reply is None:
@@ -53,6 +60,7 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig, *, simul
         else:
             names[node_id] = str(reply.content["info"]["data"])
             train_sizes.append(int(reply.content["metrics"]["num-train"]))
+            answered.append(reply)
     needed = max(config.min_train_nodes, config.min_evaluate_nodes)
     if len(names) < needed:
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
@@ -64,11 +72,31 @@ def check_node_data(grid: Grid, node_ids: list[int], config: RunConfig, *, simul
         logger.warning("data check: %s; the run goes on, and this node fails its rounds until it is fixed", failure)
     sampled = f" (a sample of the {len(node_ids)})" if len(asked) < len(node_ids) else ""
     logger.info(
-        "Data check: %d nodes ready%s, %d training samples (%d to %d per node)",
+        "Data check: %d nodes ready%s%s, %d training samples (%d to %d per node)",
         len(names),
         sampled,
+        spread_over_hosts(answered),
         sum(train_sizes),
         min(train_sizes),
         max(train_sizes),
     )
     return names
+
+
+def spread_over_hosts(replies: list[Message]) -> str:
+    """`` on 2 hosts (w1 (10.0.0.2): 3 nodes, 1 torch thread; w2 ...)`` when the replies came from
+    several hosts (a Ray cluster: the engine ran each check on an actor of some host), else ""."""
+    nodes: Counter[str] = Counter()
+    threads: dict[str, set[int]] = {}
+    for reply in replies:
+        host = (reply_host(reply) or ("unknown host", ""))[0]
+        nodes[host] += 1
+        threads.setdefault(host, set()).add(int(reply.content["metrics"].get("torch-threads", 0)))
+    if len(nodes) < 2:
+        return ""
+    per_host = "; ".join(
+        f"{host}: {count} node{'s' * (count > 1)}, {'/'.join(map(str, sorted(threads[host])))} torch "
+        f"thread{'s' * (max(threads[host]) > 1)}"
+        for host, count in sorted(nodes.items())
+    )
+    return f" on {len(nodes)} hosts ({per_host})"

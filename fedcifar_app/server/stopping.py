@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 import signal
 import threading
 import time
@@ -34,7 +36,7 @@ from .. import compat
 from ..config import RunConfig
 from ..errors import RunStopped
 from ..logs import APP_LOGGER
-from ..procfs import descendants, process_start
+from ..procfs import command_line, descendants, process_start
 from ..pyproject import format_overrides
 
 logger = logging.getLogger(APP_LOGGER)
@@ -118,16 +120,51 @@ class RunStop:
             time.sleep(poll_s)
 
 
-def resume_command(config: RunConfig, folder: Path, *, simulation: bool) -> str:
+def resume_command(config: RunConfig, folder: Path, *, simulation: bool, typed: list[str] | None = None) -> str:
     """The `flwr run` line that continues this run: every key that differs from the defaults, the
-    round count and output folder, and resume-from."""
+    round count and output folder, and resume-from. ``typed`` (``typed_flwr_run``) is the command
+    that started this simulation, less its run config: its federation and --federation-config are
+    kept, so a run on a Ray cluster resumes there, not on the default federation."""
     current = config.to_run_config()
     defaults = RunConfig().to_run_config()
     keep = {key: value for key, value in current.items() if key in ALWAYS_IN_RESUME or value != defaults.get(key)}
     keep["output-dir"] = str(Path(folder).parent)
     keep["resume-from"] = str(folder)
-    federation = "" if simulation else " <federation>"
-    return f'flwr run .{federation} --run-config "{format_overrides(keep)}"'
+    if typed:
+        start = " ".join(shell_word(word) for word in typed)
+    else:
+        start = "flwr run ." if simulation else "flwr run . <federation>"
+    return f'{start} --run-config "{format_overrides(keep)}"'
+
+
+RUN_CONFIG_FLAGS = ("--run-config", "-c")
+
+
+def typed_flwr_run(pid: int) -> list[str] | None:
+    """``["flwr", "run", <app>, [<federation>], <other options>]`` from the argv of process ``pid`` when
+    it is the `flwr run` CLI (the parent of ``flower-simulation``), without its run config; else None."""
+    argv = command_line(pid)
+    if not argv:
+        return None
+    starts = [i for i, word in enumerate(argv[:-1]) if os.path.basename(word) == "flwr" and argv[i + 1] == "run"]
+    if not starts:
+        return None
+    words, rest = ["flwr", "run"], iter(argv[starts[0] + 2 :])
+    for word in rest:
+        if word in RUN_CONFIG_FLAGS:
+            next(rest, None)
+        elif not word.startswith(tuple(f"{flag}=" for flag in RUN_CONFIG_FLAGS)):
+            words.append(word)
+    return words
+
+
+def shell_word(word: str) -> str:
+    """``word`` as a shell reads it back: bare when safe, else in double quotes (as the run config is)."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", word):
+        return word
+    if not re.search(r'["\\$`!]', word):
+        return f'"{word}"'
+    return shlex.quote(word)
 
 
 class StoppableGrid(Grid):
