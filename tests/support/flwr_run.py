@@ -69,7 +69,11 @@ class FlwrRun:
         federation_config: str | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
+        prefix: Sequence[str] = (),
+        output_dir_in_run: str | None = None,
     ) -> None:
+        """``prefix`` runs the command on another "host" (tests/support/ray_cluster.py); that host sees
+        ``output_dir`` as ``output_dir_in_run`` (its own /tmp), the path the run config names."""
         self.output_dir = Path(output_dir)
         if log_path is None:  # beside output_dir, unless that is not a folder (a test of a bad output-dir)
             beside = self.output_dir.parent
@@ -77,11 +81,12 @@ class FlwrRun:
             log_path = folder / f"{self.output_dir.name}.log"
         self.log_path = log_path
         named = OUTPUT_DIR.search(run_config)  # a regex, not the parser: tests pass malformed configs too
+        seen = Path(output_dir_in_run) if output_dir_in_run else self.output_dir
         if named is None:
-            run_config = f"{run_config} output-dir='{self.output_dir}'".strip()
+            run_config = f"{run_config} output-dir='{seen}'".strip()
         else:
-            assert Path(named[1]).resolve() == self.output_dir.resolve(), (named[1], self.output_dir)
-        self.command = [str(BIN / "flwr"), "run", ".", *federation, *extra_args, "--run-config", run_config]
+            assert Path(named[1]).resolve() == seen.resolve(), (named[1], seen)
+        self.command = [*prefix, str(BIN / "flwr"), "run", ".", *federation, *extra_args, "--run-config", run_config]
         if federation_config:
             self.command += ["--federation-config", federation_config]
         self.env = env
