@@ -173,8 +173,15 @@ def test_flwr_run_on_the_head_spreads_over_the_workers_stops_and_resumes(cluster
 def test_a_worker_host_lost_mid_run_is_named_and_the_run_resumes_on_the_rest(cluster: Cluster) -> None:
     """w2's raylet is killed after round 1: the run ends at once with one line naming w2 and the
     resume command (not a limp through rounds, not a hang to round-timeout); once Ray has declared
-    w2 dead, that command finishes the run on w1 alone."""
+    w2 dead, that command finishes the run on w1 alone. First, data that w2 lacks: the nodes that
+    ran there fail the data check with a line that names w2."""
     cluster.start()
+    for host in ("head", "w1"):
+        make_parquet_dataset(cluster.hosts.outside(host, DATASET), n_train=120, n_test=40)
+    missing = cluster.run(run_config(1, DATASET), "missing-on-w2").wait()
+    assert missing.status["status"] == "failed", missing.log_tail()
+    assert f"(on host w2 ({cluster.hosts.addresses['w2']}))" in missing.output, missing.log_tail()
+
     run = cluster.run(run_config(3, round_timeout=90), "lost-host")
     run.wait_for("round 1's checkpoint", lambda: run.checkpoint_round() >= 1)
     killed_at = time.monotonic()

@@ -7,7 +7,10 @@ Where a stop comes from, per Flower runtime (1.25; see compat for the hooks):
   CLI SIGKILL ``flower-simulation`` 0.25 s later (Python's ``subprocess.run``), so the stop is
   recorded the moment it is seen, the round in progress is abandoned, and the engine's processes
   (Ray) are ended here, since nothing else will end them. A signal to the ``flwr`` process alone
-  leaves ``flower-simulation`` running without a parent: that is watched for too.
+  leaves ``flower-simulation`` running without a parent: that is watched for too. Only processes
+  below ``flower-simulation`` are ended, so a Ray cluster the run attached to (``ray start``, the
+  ray-cluster federation) is never touched: its daemons are not ours, and Ray itself ends the run's
+  actors once ``flower-simulation`` is gone (tests/test_cluster.py checks both).
 - deployment (``flwr-serverapp``) and Flower >= 1.27: Flower's own signal handler (SIGINT, SIGTERM,
   or a heartbeat the SuperLink refused after ``flwr stop``) calls our exit handler, then exits.
 - ``flwr stop`` in deployment: the next grid call raises ``RunNotRunningException``.
