@@ -12,10 +12,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedcifar_app.client.host import this_host
 from fedcifar_app.compat import ErrorCode
+from fedcifar_app.config import RunConfig
 from fedcifar_app.errors import RunAborted
+from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import new_model
 from fedcifar_app.server.app import lost_actor_tracebacks
-from fedcifar_app.server.data_check import spread_over_hosts
+from fedcifar_app.server.data_check import check_node_data, spread_over_hosts
 from fedcifar_app.server.hooks import StrategyHooks, with_app_hooks
 from fedcifar_app.server.hosts import HostLedger
 
@@ -147,3 +149,29 @@ def test_flowers_tracebacks_for_a_lost_actor_stay_out_of_the_log_others_stay():
     assert lost_actor_tracebacks(record("vce_api", "Traceback ...\nZeroDivisionError: division by zero"))
     assert lost_actor_tracebacks(record("run_simulation", "Traceback ...\nray.exceptions.ActorDiedError: x"))
     assert lost_actor_tracebacks(record("vce_api", "ActorDiedError", level=logging.WARNING))
+
+
+def test_a_node_whose_actor_was_lost_during_the_data_check_is_named_with_its_host(caplog):
+    class Grid:
+        def send_and_receive(self, messages, timeout):
+            replies = []
+            for number, message in enumerate(messages):
+                message.metadata.__dict__["_message_id"] = f"query-{number}"  # as Flower's grids do
+                if number == 0:
+                    replies.append(lost(message, UNAVAILABLE))
+                    continue
+                host, actor = (W1, ACTOR_1) if number % 2 else (W2, ACTOR_2)
+                info = ConfigRecord({"data": f"partition {number}", "host": host, "ray-actor": actor})
+                metrics = MetricRecord({"num-train": 40, "torch-threads": 1})
+                replies.append(Message(RecordDict({"metrics": metrics, "info": info}), reply_to=message))
+            return replies
+
+    config = RunConfig.from_run_config({"dataset": "synthetic", "min-train-nodes": 2, "min-evaluate-nodes": 1})
+    ledger = HostLedger()
+    with caplog.at_level(logging.INFO, logger=APP_LOGGER):
+        names = check_node_data(Grid(), [11, 12, 13, 14], config, simulation=True, hosts=ledger)
+    assert sorted(names) == [12, 13, 14]
+    lines = [record.getMessage() for record in caplog.records]
+    assert f"data check: node 11: its ClientApp actor on host {W2} is gone, ActorUnavailableError: " in lines[0]
+    assert lines[1].startswith(f"Data check: 3 nodes ready on 2 hosts ({W1}: 2 nodes, 1 torch thread; {W2}: 1 node")
+    assert ledger.replies == {W1: 2, W2: 1}

@@ -56,7 +56,9 @@ def check_node_data(
         if reply is None:
             failures.append(f"node {node_id}: no answer within round-timeout={config.round_timeout:g}s")
         elif reply.has_error():
-            failures.append(f"node {node_id}: {short_reason(reply.error.reason)}")
+            lost = hosts.lost_actor(reply.error.reason) if hosts is not None else None
+            where = f"its ClientApp actor on {lost} is gone, " if lost else ""  # a host left the Ray cluster
+            failures.append(f"node {node_id}: {where}{short_reason(reply.error.reason)}")
         else:
             names[node_id] = str(reply.content["info"]["data"])
             train_sizes.append(int(reply.content["metrics"]["num-train"]))
