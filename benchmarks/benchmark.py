@@ -85,9 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--floor-rounds",
         type=int,
         default=5,
-        help="rounds of the first floor variant, from the initial model (default 5: its accuracy is compared)",
+        help="rounds of the first floor variant, from the initial model (default %(default)s: its accuracy is compared)",
     )
-    parser.add_argument("--other-floor-rounds", type=int, default=2, help="rounds of the other variants (default 2)")
+    parser.add_argument(
+        "--other-floor-rounds", type=int, default=2, help="rounds of the other variants (default %(default)s)"
+    )
     parser.add_argument(
         "--floor-threads",
         type=int,
@@ -96,11 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch thread counts to run the floor with (default: 1, then torch's default); the faster is the floor",
     )
     parser.add_argument("--pil-rounds", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=5, help="num-server-rounds of the flwr runs (default 5)")
-    parser.add_argument("--warm-runs", type=int, default=2, help="warm-cache flwr runs; the best counts (default 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="num-server-rounds of the flwr runs (default %(default)s)"
+    )
+    parser.add_argument(
+        "--warm-runs", type=int, default=2, help="warm-cache flwr runs; the best counts (default %(default)s)"
+    )
     parser.add_argument("--federation-config", default=None, help="passed to every `flwr run` (e.g. num-cpus)")
     parser.add_argument(
-        "--scale-nodes", type=int, nargs="+", default=[1000], help="step (5)'s federation sizes (default 1000)"
+        "--scale-nodes", type=int, nargs="+", default=[1000], help="step (5)'s federation sizes (default: 1000)"
     )
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per flwr run before it is ended")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, run folders, cache)")

@@ -1,4 +1,4 @@
-"""The strategy/DP study of README "Experiments": every conf/*.toml x seeds, then fedcifar-compare.
+"""The strategy/DP study of docs/experiments.md: every conf/*.toml x seeds, then fedcifar-compare.
 
     python benchmarks/study.py --dataset ../shared/data/cifar10 --out study            # the study
     python benchmarks/study.py --dataset synthetic --rounds 2 --seeds 1 --nodes 3 --out /tmp/s  # a smoke run
@@ -47,14 +47,20 @@ def run_config_for(conf: Path, dataset: str, seed: int, output_dir: Path, rounds
     return values
 
 
+def flwr_command(values: dict, nodes: int) -> list[str]:
+    """The `flwr run .` command line of one run: its run config in one string, and fewer SuperNodes if asked."""
+    command = [str(FLWR), "run", ".", "--run-config", pyproject.format_overrides(values)]
+    if nodes != 10:
+        command += ["--federation-config", pyproject.federation_override(PROJECT, {"num-supernodes": nodes})]
+    return command
+
+
 def run_one(values: dict, nodes: int, timeout: float) -> tuple[Path | None, float, str]:
     """One `flwr run .` in its own session (a killed CLI would leave Ray behind); returns folder, seconds, status."""
     output_dir = Path(values["output-dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     before = set(output_dir.iterdir())
-    command = [str(FLWR), "run", ".", "--run-config", pyproject.format_overrides(values)]
-    if nodes != 10:
-        command += ["--federation-config", pyproject.federation_override(PROJECT, num_supernodes=nodes)]
+    command = flwr_command(values, nodes)
     started = time.monotonic()
     process = subprocess.Popen(command, cwd=PROJECT, start_new_session=True, stdout=subprocess.PIPE, text=True)
     try:

@@ -7,7 +7,7 @@ same run config (``[tool.flwr.app.config]`` in pyproject.toml, validated by
 accuracy at the end. It answers "what does one client reach on its own?", the number
 federated training has to beat.
 
-    fedcifar-centralized --run-config "dataset='../shared/data/cifar10'" --epochs 5
+    fedcifar-centralized --run-config "dataset='/path/to/cifar10'" --epochs 5
 
 Like the Flower tutorial, each epoch is one call of the training loop (a fresh Adam per
 epoch, as each federated round gets), followed by a validation pass.
@@ -124,24 +124,28 @@ def build_parser() -> argparse.ArgumentParser:
         description="The centralized baseline: train the app's CNN on one partition, as one client would alone.",
         epilog=(
             "Settings come from [tool.flwr.app.config] in <app>/pyproject.toml, overridden by --run-config, "
-            "e.g. --run-config \"dataset='../shared/data/cifar10' batch-size=64\"."
+            "e.g. --run-config \"dataset='/path/to/cifar10' batch-size=64\"."
         ),
     )
-    parser.add_argument("--app", default=".", help="the Flower app folder whose pyproject.toml to read (default: .)")
+    parser.add_argument(
+        "--app", default=".", help="the Flower app folder whose pyproject.toml to read (default: %(default)s)"
+    )
     parser.add_argument(
         "--run-config",
         default="",
         metavar="'K=V ...'",
         help="run-config overrides, the syntax of `flwr run --run-config`",
     )
-    parser.add_argument("--partition-id", type=int, default=0, help="which partition to train on (default: 0)")
+    parser.add_argument(
+        "--partition-id", type=int, default=0, help="which partition to train on (default: %(default)s)"
+    )
     parser.add_argument(
         "--num-partitions",
         type=int,
         default=10,
-        help="how many partitions the training split is divided into (default: 10)",
+        help="how many partitions the training split is divided into (default: %(default)s)",
     )
-    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: 5)")
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -7,50 +7,40 @@ else in the package imports from ``flwr.server``, ``flwr.simulation`` or ``flwr.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-try:  # flwr <= 1.25
-    from flwr.server.grid import InMemoryGrid as _InMemoryGrid
-except ImportError:  # flwr >= 1.26 moved it
-    try:
-        from flwr.superlink.grid import InMemoryGrid as _InMemoryGrid
-    except ImportError:  # pragma: no cover - a Flower without an in-memory grid
-        _InMemoryGrid = None
 
-try:  # flwr <= 1.25
-    from flwr.common.constant import ErrorCode
-except ImportError:  # pragma: no cover
-    from flwr.app import ErrorCode  # type: ignore[no-redef]
+def _from_first(name: str, *modules: str) -> Any:
+    """``name`` from the first of ``modules`` that has it (Flower moved it between releases); None if none does."""
+    for module in modules:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return None  # pragma: no cover - a Flower without it
 
-try:
+
+class _NeverRaised(BaseException):
+    """Stands in for an exception that a Flower without it never raises."""
+
+
+if TYPE_CHECKING:  # the type checker reads the pinned Flower (1.25)
     from flwr.app import MessageType
-except ImportError:  # pragma: no cover - flwr < 1.21
-    from flwr.common.constant import MessageType  # type: ignore[no-redef]
-
-try:
-    from flwr.common.config import flatten_dict as _flatten_dict
-except ImportError:  # pragma: no cover
-    _flatten_dict = None
-
-try:  # flwr <= 1.25
-    from flwr.common.exit import add_exit_handler as _add_exit_handler
-except ImportError:  # flwr >= 1.26 (1.42: flwr.supercore.exit)
-    try:
-        from flwr.supercore.exit import add_exit_handler as _add_exit_handler
-    except ImportError:  # pragma: no cover
-        _add_exit_handler = None
-
-try:  # flwr <= 1.25
+    from flwr.common.constant import ErrorCode
     from flwr.common.typing import RunNotRunningException
-except ImportError:  # flwr >= 1.26 (1.42: flwr.supercore.run)
-    try:
-        from flwr.supercore.run import RunNotRunningException  # type: ignore[no-redef]
-    except ImportError:  # pragma: no cover - a Flower that never raises it
-
-        class RunNotRunningException(BaseException):  # type: ignore[no-redef]
-            """Stand-in: never raised."""
+else:  # at run time, wherever the installed Flower keeps them
+    ErrorCode = _from_first("ErrorCode", "flwr.common.constant", "flwr.app")  # flwr <= 1.25, then newer
+    MessageType = _from_first("MessageType", "flwr.app", "flwr.common.constant")  # flwr >= 1.21, then older
+    # flwr <= 1.25, then >= 1.26 (1.42: flwr.supercore.run)
+    RunNotRunningException = (
+        _from_first("RunNotRunningException", "flwr.common.typing", "flwr.supercore.run") or _NeverRaised
+    )
+_InMemoryGrid = _from_first("InMemoryGrid", "flwr.server.grid", "flwr.superlink.grid")  # <= 1.25, >= 1.26
+_flatten_dict = _from_first("flatten_dict", "flwr.common.config")
+_add_exit_handler = _from_first("add_exit_handler", "flwr.common.exit", "flwr.supercore.exit")  # <= 1.25, 1.42
 
 
 __all__ = [

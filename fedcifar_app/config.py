@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .strategy_table import FLOWER_DEFAULT, STRATEGIES, StrategySpec, strategy_keys
 
 
 class Partitioner(str, enum.Enum):
@@ -33,20 +34,6 @@ class DeviceChoice(str, enum.Enum):
     CUDA = "cuda"
 
 
-class StrategyName(str, enum.Enum):
-    """The Flower strategy (``flwr.serverapp.strategy``) that aggregates the rounds."""
-
-    FEDAVG = "fedavg"
-    FEDPROX = "fedprox"
-    FEDAVGM = "fedavgm"
-    FEDADAM = "fedadam"
-    FEDYOGI = "fedyogi"
-    FEDADAGRAD = "fedadagrad"
-    FEDMEDIAN = "fedmedian"
-    FEDTRIMMEDAVG = "fedtrimmedavg"
-    KRUM = "krum"
-
-
 class DpMode(str, enum.Enum):
     """Differential privacy: OFF, CENTRAL (the server clips) or CLIENT (each client clips); the server adds noise."""
 
@@ -56,16 +43,6 @@ class DpMode(str, enum.Enum):
 
 
 SYNTHETIC_DATASET = "synthetic"
-# server-learning-rate = 0 means "the chosen strategy's own Flower default" (TOML has no null).
-STRATEGY_DEFAULT = 0.0
-# The strategy keys, and the strategies that read each; any other strategy refuses a non-default value.
-STRATEGY_KEYS: dict[str, tuple[StrategyName, ...]] = {
-    "proximal-mu": (StrategyName.FEDPROX,),
-    "server-learning-rate": (StrategyName.FEDAVGM, StrategyName.FEDADAM, StrategyName.FEDYOGI, StrategyName.FEDADAGRAD),
-    "server-momentum": (StrategyName.FEDAVGM,),
-    "trim-beta": (StrategyName.FEDTRIMMEDAVG,),
-    "num-malicious-nodes": (StrategyName.KRUM,),
-}
 DP_KEYS = ("dp-noise-multiplier", "dp-clipping-norm", "dp-delta")
 
 
@@ -93,9 +70,9 @@ class RunConfig:
     node_wait_timeout: float = 120.0
     round_timeout: float = 600.0
     verbose: bool = False
-    strategy: StrategyName = StrategyName.FEDAVG
+    strategy: str = "fedavg"  # a name in strategy_table.STRATEGIES
     proximal_mu: float = 0.0
-    server_learning_rate: float = STRATEGY_DEFAULT
+    server_learning_rate: float = FLOWER_DEFAULT
     server_momentum: float = 0.0
     trim_beta: float = 0.2
     num_malicious_nodes: int = 0
@@ -170,6 +147,7 @@ class RunConfig:
 
     def validate_strategy(self) -> None:
         """Strategy and DP keys: ranges, and no key set that the chosen strategy or dp mode would ignore."""
+        _check(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {', '.join(map(repr, STRATEGIES))}")
         _check(
             self.proximal_mu >= 0 and math.isfinite(self.proximal_mu), "proximal-mu", self.proximal_mu, "a number >= 0"
         )
@@ -196,11 +174,11 @@ class RunConfig:
         )
         _check(0.0 < self.dp_delta < 1.0, "dp-delta", self.dp_delta, "a number in (0, 1)")
         current, defaults = self.to_run_config(), RunConfig().to_run_config()
-        for key, users in STRATEGY_KEYS.items():
-            if self.strategy not in users and current[key] != defaults[key]:
+        for key, readers in strategy_keys().items():
+            if key not in self.strategy_spec.arguments and current[key] != defaults[key]:
                 raise ConfigError(
-                    f"run-config {key}={current[key]!r} has no effect with strategy={self.strategy.value!r}: "
-                    f"it is read by strategy {' / '.join(repr(s.value) for s in users)}; remove the key or pick one of those"
+                    f"run-config {key}={current[key]!r} has no effect with strategy={self.strategy!r}: "
+                    f"it is read by strategy {' / '.join(map(repr, readers))}; remove the key or pick one of those"
                 )
         if self.dp is DpMode.OFF:
             for key in DP_KEYS:
@@ -211,12 +189,9 @@ class RunConfig:
                     )
 
     @property
-    def is_synthetic(self) -> bool:
-        return self.dataset == SYNTHETIC_DATASET
-
-    def resolved_output_dir(self) -> Path:
-        """Absolute output folder; relative paths resolve against this process's cwd."""
-        return Path(self.output_dir).expanduser().resolve()
+    def strategy_spec(self) -> StrategySpec:
+        """The chosen strategy's entry in the strategy table."""
+        return STRATEGIES[self.strategy]
 
 
 @dataclass(frozen=True)
@@ -255,11 +230,31 @@ class NodeData:
         return cls(partition_id=partition_id, num_partitions=num_partitions)
 
     @property
+    def partition(self) -> tuple[int, int]:
+        """(partition-id, num-partitions) of a node that trains on a share of the run's dataset."""
+        if self.partition_id is None or self.num_partitions is None:
+            raise ValueError(f"{self.label} is not a partition of the run's dataset")
+        return self.partition_id, self.num_partitions
+
+    @property
     def label(self) -> str:
         """How logs name this node's data."""
         if self.data_path is not None:
             return f"data-path={self.data_path}"
         return f"partition {self.partition_id}/{self.num_partitions}"
+
+
+def absolute_path(text: str) -> Path:
+    """A run-config path as the run uses it: ``~`` expanded, a relative path resolved against this
+    process's working directory (where `flwr run` was typed in simulation, where the SuperLink was
+    started in deployment), so logs and records name it in full."""
+    return Path(text).expanduser().resolve()
+
+
+def output_dir_of(run_config: Mapping[str, Any]) -> Path:
+    """``output-dir`` of a run config not validated yet: the ServerApp creates the run folder first, so
+    even a config it then refuses is recorded in a folder of its own."""
+    return absolute_path(str(run_config.get("output-dir", RunConfig.output_dir)))
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -288,7 +283,7 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"run-config {key}={value!r} is not allowed: use a quoted string, e.g. {key}='...'")
         return value
-    for enum_type in (Partitioner, DeviceChoice, StrategyName, DpMode):
+    for enum_type in (Partitioner, DeviceChoice, DpMode):
         if type_name == enum_type.__name__:
             allowed = ", ".join(repr(m.value) for m in enum_type)
             try:

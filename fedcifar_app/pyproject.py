@@ -67,7 +67,7 @@ def parse_overrides(text: str, flag: str = "--run-config") -> dict[str, Any]:
     if leftover:
         raise UsageError(
             f"{flag} {text!r}: cannot read {leftover!r}; use space-separated key=value pairs, "
-            f"strings in quotes, e.g. {flag} \"dataset='../shared/data/cifar10' batch-size=64\""
+            f"strings in quotes, e.g. {flag} \"dataset='/path/to/cifar10' batch-size=64\""
         )
     values: dict[str, Any] = {}
     for key, value in _PAIR.findall(text):

@@ -3,6 +3,8 @@ centralized baseline and the benchmark all run the same loops."""
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -87,7 +89,9 @@ def train(
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx: mu/2 * squared L2 distance between the model's parameters and ``anchor``."""
-    squared = sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+    squared = functools.reduce(
+        operator.add, ((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+    )
     return 0.5 * mu * squared
 
 

@@ -6,16 +6,18 @@ same messages reach a real `flwr run .`: one ERROR line, status "failed", no tra
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_NODES, encode_image, federation_override, make_parquet_dataset, run_flwr, write_parquet_split
+from support.datasets import encode_image, make_parquet_dataset, write_parquet_split
+from support.flwr_run import SMALL_NODES, run_flwr, small_federation
 from support.inprocess import run_inprocess
 
 from fedcifar_app.config import DeviceChoice, NodeData, RunConfig
@@ -208,6 +210,17 @@ def folder_digest(folder: Path) -> str:
     ).hexdigest()
 
 
+@contextlib.contextmanager
+def untouched_inputs(tmp_path: Path, make_override: Callable[[Path], str]) -> Iterator[str]:
+    """The case's override, built on files in a folder of its own; the run must leave them as they were."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    override = make_override(inputs)
+    before = folder_digest(inputs)
+    yield override
+    assert folder_digest(inputs) == before  # inputs, a resumed folder included, are never touched
+
+
 def tiny_dataset(root: Path) -> Path:
     """Four training images for three nodes: two partitions hold one sample, too few to split."""
     return make_parquet_dataset(root, n_train=4, n_test=10)
@@ -240,24 +253,20 @@ IN_PROCESS_CASES = [
 def test_flwr_run_fails_fast_with_one_error_line_and_a_failed_status(
     tmp_path, flwr_env, name, make_override, expected, supernodes
 ):
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    override = make_override(inputs)
-    before = folder_digest(inputs)
-    dataset = "" if override.startswith("dataset=") else "dataset='synthetic'"
-    run = run_flwr(
-        tmp_path / "out",
-        f"{dataset} {SMALL_NODES} {override}",
-        env=flwr_env,
-        timeout=180,
-        federation_config=federation_override(supernodes),
-    )
+    with untouched_inputs(tmp_path, make_override) as override:
+        dataset = "" if override.startswith("dataset=") else "dataset='synthetic'"
+        run = run_flwr(
+            tmp_path / "out",
+            f"{dataset} {SMALL_NODES} {override}",
+            env=flwr_env,
+            timeout=180,
+            federation_config=small_federation(supernodes),
+        )
     error_lines = [line for line in run.output.splitlines() if "ERROR" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], run.output[-3000:]
     assert "Traceback" not in run.output
     assert run.status["status"] == "failed" and expected in run.status["reason"]
     assert not (run.run_folder / "metrics.json").exists() or run.metrics == []  # nothing trained
-    assert folder_digest(inputs) == before  # inputs, a resumed folder included, are never touched
 
 
 def failing_run_in_process(tmp_path: Path, caplog, override: str, supernodes: int = 3) -> tuple[Path, list[str]]:
@@ -277,16 +286,12 @@ def failing_run_in_process(tmp_path: Path, caplog, override: str, supernodes: in
 def test_a_failing_run_stops_before_training_with_one_error_line_and_a_failed_status(
     tmp_path, caplog, name, make_override, expected, supernodes
 ):
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    override = make_override(inputs)
-    before = folder_digest(inputs)
-    folder, errors = failing_run_in_process(tmp_path, caplog, override, supernodes)
+    with untouched_inputs(tmp_path, make_override) as override:
+        folder, errors = failing_run_in_process(tmp_path, caplog, override, supernodes)
     assert len(errors) == 1 and expected in errors[0], errors
     status = json.loads((folder / "status.json").read_text())
     assert status["status"] == "failed" and expected in status["reason"]
     assert not (folder / "metrics.json").exists() or json.loads((folder / "metrics.json").read_text()) == []
-    assert folder_digest(inputs) == before  # inputs, a resumed folder included, are never touched
 
 
 def test_diverging_training_fails_in_one_line_keeping_the_last_finite_checkpoint_and_strict_json(tmp_path, caplog):

@@ -76,22 +76,40 @@ def three_runs(tmp_path) -> list[Path]:
     ]
 
 
-def test_table_plot_and_groups(tmp_path, three_runs, monkeypatch, capsys):
+@pytest.fixture
+def compared(tmp_path, three_runs, monkeypatch, capsys) -> tuple[Path, str]:
+    """fedcifar-compare on the three runs, --out left at its default (the current folder): the folder and
+    what it printed."""
     monkeypatch.chdir(tmp_path)
-    assert compare.main([str(folder) for folder in three_runs]) == 0  # --out defaults to the current folder
-    markdown = (tmp_path / "comparison.md").read_text()
-    assert capsys.readouterr().out.startswith(markdown)
+    assert compare.main([str(folder) for folder in three_runs]) == 0
+    return tmp_path, capsys.readouterr().out
+
+
+def test_the_table_is_printed_and_written(compared):
+    out, printed = compared
+    assert printed.startswith((out / "comparison.md").read_text())
+
+
+def test_each_run_is_labelled_by_the_keys_that_differ(compared):
+    markdown = (compared[0] / "comparison.md").read_text()
     assert "Labels: the run-config keys that differ between the runs (strategy, seed, proximal-mu, dp)" in markdown
     assert "| strategy=fedavg seed=1 | r1 | completed | 0.5000 | 0.6000 | 2 | 40.0 | - |" in markdown
     assert "| strategy=fedavg seed=2 | r2 | interrupted | 0.7000 | 0.7000 | 3 | 40.0 | - |" in markdown
     row = "| strategy=fedprox seed=1 proximal-mu=0.1 dp=central | r3 | completed | 0.3000 | 0.3000 | 3 | 40.0 | 3.12 |"
     assert row in markdown
+
+
+def test_runs_that_differ_only_in_seed_get_a_mean_and_deviation_row(compared):
+    markdown = (compared[0] / "comparison.md").read_text()
     assert "| strategy=fedavg | 2 | 0.6000 ± 0.1414 | 0.6500 ± 0.0707 | 40.0 | - |" in markdown
     assert "| strategy=fedprox proximal-mu=0.1 dp=central | 1 | 0.3000 ± 0.0000 |" in markdown
 
-    left, right = colour_pixels(tmp_path / "comparison.png", BLUE)  # the fedavg group: accuracy and loss
+
+def test_the_plot_draws_each_group_in_its_colour(compared):
+    plot = compared[0] / "comparison.png"
+    left, right = colour_pixels(plot, BLUE)  # the fedavg group: accuracy and loss
     assert left > 200 and right > 200
-    assert min(colour_pixels(tmp_path / "comparison.png", ORANGE)) > 100  # the fedprox run
+    assert min(colour_pixels(plot, ORANGE)) > 100  # the fedprox run
 
 
 def test_the_pixel_check_fails_on_a_figure_without_curves(tmp_path):
@@ -99,7 +117,7 @@ def test_the_pixel_check_fails_on_a_figure_without_curves(tmp_path):
     assert colour_pixels(tmp_path / "empty.png", BLUE) == (0, 0)
 
 
-def test_bad_folders_fail_in_one_line_naming_the_folder_and_the_fix(tmp_path, three_runs, capsys):
+def test_a_folder_that_is_not_a_run_fails_in_one_line_naming_it_and_the_fix(tmp_path, three_runs, capsys):
     empty = tmp_path / "not-a-run"
     empty.mkdir()
     assert compare.main([str(three_runs[0]), str(empty), "--out", str(tmp_path / "out")]) == 2
@@ -108,8 +126,12 @@ def test_bad_folders_fail_in_one_line_naming_the_folder_and_the_fix(tmp_path, th
         f"fedcifar-compare: error: {empty} is not a run folder (no metrics.json): pass folders that a run "
         "wrote under output-dir, e.g. outputs/20260101-120000"
     )
+    assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+def test_a_damaged_metrics_file_fails_in_one_line_naming_it(tmp_path, three_runs, capsys):
     (three_runs[1] / "metrics.json").write_text('[{"round": "x"')
-    assert compare.main([str(three_runs[1])]) == 2
+    assert compare.main([str(three_runs[1]), "--out", str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and str(three_runs[1] / "metrics.json") in error and f"leave {three_runs[1]} out" in error
-    assert not (tmp_path / "out").exists()  # nothing written on bad input
+    assert not (tmp_path / "out").exists()

@@ -6,8 +6,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
+from support.flwr_run import PROJECT
 
 from fedcifar_app import pyproject
 from fedcifar_app.config import RunConfig
@@ -32,7 +32,7 @@ def test_conf_file_is_a_valid_run_config_that_leaves_where_and_which_data_to_the
     config = RunConfig.from_run_config(get_fused_config_from_dir(PROJECT, overrides))
     assert config.num_server_rounds == 20 and config.min_train_nodes == 10  # the study: 10 nodes, 20 rounds
     assert not {"dataset", "seed", "output-dir", "resume-from"} & set(overrides)
-    # So the pyproject default applies: the hub id, which needs internet (README says how to point at a copy).
+    # So the pyproject default applies: the hub id, which needs internet (docs/experiments.md says how to point at a copy).
     assert config.dataset == RunConfig().dataset
 
 
@@ -56,3 +56,6 @@ def test_the_study_passes_each_file_as_one_valid_run_config_string(path: Path, t
     RunConfig.from_run_config(get_fused_config_from_dir(PROJECT, parsed))
     smoke = study.run_config_for(path, "synthetic", 1, tmp_path / "runs", rounds=2, nodes=3)
     assert RunConfig.from_run_config(get_fused_config_from_dir(PROJECT, smoke)).min_available_nodes == 3
+    command = study.flwr_command(smoke, nodes=3)
+    federation = pyproject.parse_overrides(command[command.index("--federation-config") + 1], "--federation-config")
+    assert federation["options.num-supernodes"] == 3

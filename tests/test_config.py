@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import PROJECT
+from support.flwr_run import PROJECT
 
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.errors import ConfigError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from support.datasets import encode_image, make_parquet_dataset, write_parquet_split
+from support.datasets import encode_image, make_image_folder, make_parquet_dataset, write_parquet_split
 
 from fedcifar_app.config import NodeData, Partitioner, RunConfig
 from fedcifar_app.data import (
@@ -56,15 +56,7 @@ def test_png_images_and_save_to_disk_folders_load_too(tmp_path):
 
 
 def test_image_folder_labels_come_from_sorted_class_folders(tmp_path):
-    rng = np.random.default_rng(1)
-    for split in ("train", "test"):
-        for name in ("cat", "airplane"):
-            folder = tmp_path / "images" / split / name
-            folder.mkdir(parents=True)
-            for i in range(3):
-                (folder / f"{i}.png").write_bytes(
-                    encode_image(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), "PNG")
-                )
+    make_image_folder(tmp_path / "images", ("cat", "airplane"), "PNG", seed=1)
     train = load_split(str(tmp_path / "images"), "train")
     assert sorted(train.labels.tolist()) == [0, 0, 0, 1, 1, 1]
     assert class_names(str(tmp_path / "images")) == ("airplane", "cat")
@@ -113,13 +105,7 @@ def test_missing_local_path_is_an_error_not_a_hub_lookup(name):
 
 
 def test_a_corrupt_image_in_an_image_folder_is_refused_naming_the_file(tmp_path):
-    rng = np.random.default_rng(2)
-    for split in ("train", "test"):
-        for name in ("cat", "dog"):
-            folder = tmp_path / "images" / split / name
-            folder.mkdir(parents=True)
-            for i in range(3):
-                (folder / f"{i}.jpg").write_bytes(encode_image(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)))
+    make_image_folder(tmp_path / "images", ("cat", "dog"), "JPEG", seed=2)
     broken = tmp_path / "images" / "train" / "dog" / "1.jpg"
     whole = broken.read_bytes()
     broken.write_bytes(whole[: len(whole) // 2])  # cut short, as an interrupted copy leaves it

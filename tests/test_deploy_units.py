@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from support.flwr_run import PROJECT
 
 from fedcifar_app.deploy import cli
 from fedcifar_app.deploy.certificates import (
@@ -33,6 +34,7 @@ from fedcifar_app.deploy.commands import (
 )
 from fedcifar_app.deploy.flwr_cli import CONTROL_FEDERATION, write_control_project
 from fedcifar_app.deploy.orchestration import (
+    LOCAL_FEDERATION_ADDRESS,
     UpOptions,
     bring_down,
     describe,
@@ -52,6 +54,7 @@ from fedcifar_app.deploy.processes import (
 from fedcifar_app.deploy.state import DeploymentState, ManagedProcess, load_state, save_state, state_path
 from fedcifar_app.errors import DeployError
 from fedcifar_app.procfs import parse_proc_stat, process_start
+from fedcifar_app.pyproject import read_pyproject
 
 PORTS = SuperLinkPorts(9091, 9092, 9093)
 
@@ -290,6 +293,12 @@ def test_run_command_and_other_machines_hint(tmp_path: Path) -> None:
     assert "flower-supernode --superlink 10.201.0.1:9092" in hint and "'10.201.0.1:9093'" in hint
     assert "/d/certs/ca.crt" in hint and hint in describe(public)
     assert "this machine's address" in other_machines_hint(_state(tmp_path, listen_host="0.0.0.0"))
+
+
+def test_the_local_federations_point_where_up_listens_by_default() -> None:
+    federations = read_pyproject(PROJECT)["tool"]["flwr"]["federations"]
+    for name in ("local-deployment", "local-deployment-tls"):
+        assert federations[name]["address"] == LOCAL_FEDERATION_ADDRESS, name
 
 
 def test_control_project_names_this_superlink(tmp_path: Path) -> None:

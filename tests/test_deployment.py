@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_parquet_dataset
+from support.datasets import make_parquet_dataset
 from support.deployment import LocalDeployment
 from support.flwr_run import flwr_environment
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import SMALL_NODES, make_parquet_dataset, run_flwr
+from support.datasets import make_parquet_dataset
+from support.flwr_run import SMALL_NODES, run_flwr
 
 from fedcifar_app.model import Net
 

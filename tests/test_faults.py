@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import make_parquet_dataset
+from support.datasets import make_parquet_dataset
 from support.deployment import LocalDeployment
 from support.flwr_run import flwr_environment
 

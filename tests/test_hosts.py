@@ -9,6 +9,8 @@ import socket
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from support.messages import sent_to
+from support.recorder import MemoryRecorder
 
 from fedcifar_app.client.host import this_host
 from fedcifar_app.compat import ErrorCode
@@ -36,15 +38,6 @@ DIED = (
     "The actor died because its node has died. Node Id: f13d\n"
     "\tthe actor's node was terminated unexpectedly: health check failed due to missing too many heartbeats'>"
 )
-
-
-def sent_to(*node_ids: int) -> list[Message]:
-    messages = []
-    for node_id in node_ids:
-        message = Message(RecordDict(), dst_node_id=node_id, message_type="train")
-        message.metadata.__dict__["_message_id"] = f"message-to-{node_id}"  # as Flower's grids do when they push
-        messages.append(message)
-    return messages
 
 
 def served(message: Message, host: str, actor: str = "", **metrics: float) -> Message:
@@ -81,18 +74,8 @@ def test_the_ledger_counts_replies_per_host_and_knows_where_each_actor_lives():
 
 
 def hooked_fedavg(ledger: HostLedger, resume: str) -> FedAvg:
-    class Recorder:
-        def global_round(self, local_round: int) -> int:
-            return local_round
-
-        def begin_round(self) -> None:
-            pass
-
-        def add_client_metrics(self, metrics) -> None:
-            pass
-
     hooks = StrategyHooks(
-        recorder=Recorder(),
+        recorder=MemoryRecorder(),
         needed_nodes=3,
         min_train_nodes=1,
         node_wait_timeout=1,

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_parquet_dataset
+from support.datasets import make_parquet_dataset
 from support.deployment import kill_group
 from support.flwr_run import BIN, PROJECT
 from support.netns import Network, netns_unavailable

@@ -44,7 +44,9 @@ class AnsweringGrid:
         replies = []
         for number, message in enumerate(messages):
             node_id = message.metadata.dst_node_id
-            message.metadata.__dict__["_message_id"] = f"query-{number}"  # as Flower's grids do when they push
+            # As Flower's grids do when they push (grpc_grid.py, inmemory_grid.py): Metadata has no public setter
+            # for the id, and the app matches replies on the messages it created.
+            message.metadata.__dict__["_message_id"] = f"query-{number}"
             self.asked.append(node_id)
             if node_id in self.failing:
                 continue  # no reply: it counts as a failure

@@ -8,6 +8,7 @@ proves the production path.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
@@ -16,26 +17,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_NODES, run_flwr
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from support.datasets import small_synthetic
+from support.flwr_run import PROJECT, SMALL_NODES, run_flwr
 from support.inprocess import run_inprocess
-from test_board import read_scalars
-from test_training import small_synthetic
+from support.recorder import MemoryRecorder
+from support.tensorboard import read_scalars
 
 from fedcifar_app import training
 from fedcifar_app.client.app import client_dp_clipping
 from fedcifar_app.compat import MessageType
-from fedcifar_app.config import RunConfig, StrategyName
+from fedcifar_app.config import DpMode, RunConfig
 from fedcifar_app.errors import ConfigError
 from fedcifar_app.model import new_model
 from fedcifar_app.runs.folder import CHECKPOINT, FINAL_MODEL
 from fedcifar_app.runs.metrics import RoundRow
 from fedcifar_app.server import strategy_builder
-from fedcifar_app.server.hooks import StrategyHooks
+from fedcifar_app.server.hooks import AppHooks, StrategyHooks
 from fedcifar_app.server.privacy import PrivacyAccountant
-from fedcifar_app.server.strategy_builder import build_strategy, nodes_sampled, server_state
+from fedcifar_app.server.strategy_builder import build_strategy, flower_class, nodes_sampled, server_state
+from fedcifar_app.strategy_table import STRATEGY_SPECS, StrategySpec, strategy_keys
 
 CPU = torch.device("cpu")
+PYPROJECT = (PROJECT / "pyproject.toml").read_text(encoding="utf-8")
+EXPERIMENTS_DOC = (PROJECT / "docs" / "experiments.md").read_text(encoding="utf-8")
+CONFIGURATION_DOC = (PROJECT / "docs" / "configuration.md").read_text(encoding="utf-8")
 SMALL = {"dataset": "synthetic", "min-train-nodes": 3, "min-evaluate-nodes": 2, "min-available-nodes": 3}
 
 
@@ -73,53 +79,136 @@ def test_a_key_the_strategy_ignores_is_refused_in_one_line(strategy, key, value)
     assert f"{key}={value!r}" in message and f"strategy={strategy!r}" in message and "\n" not in message
 
 
-def test_dp_keys_need_dp_on_and_strategy_names_are_checked():
+def test_dp_keys_need_dp_on():
     with pytest.raises(ConfigError, match=r"dp-noise-multiplier=0.5 has no effect with dp='off'"):
         RunConfig.from_run_config({"dp-noise-multiplier": 0.5})
-    with pytest.raises(ConfigError, match=r"strategy='fedsgd' is not allowed: use one of 'fedavg', 'fedprox'"):
-        RunConfig.from_run_config({"strategy": "fedsgd"})
-    with pytest.raises(ConfigError, match=r"dp='local' is not allowed: use one of 'off', 'central', 'client'"):
-        RunConfig.from_run_config({"dp": "local"})
-    for key, value in (("dp-noise-multiplier", 0.0), ("dp-clipping-norm", -1.0), ("dp-delta", 1.0)):
-        with pytest.raises(ConfigError, match=key):
-            RunConfig.from_run_config({"dp": "central", key: value})
     assert RunConfig.from_run_config({"dp": "client", "dp-noise-multiplier": 0.3}).dp_noise_multiplier == 0.3
 
 
-class NoRecorder:
-    """A RoundSink that keeps what it is handed (no run folder needed to build a strategy)."""
+@pytest.mark.parametrize(
+    "key, value, choices",
+    [
+        ("strategy", "fedsgd", ", ".join(repr(spec.name) for spec in STRATEGY_SPECS)),
+        ("dp", "local", "'off', 'central', 'client'"),
+    ],
+)
+def test_an_unknown_name_lists_the_choices(key, value, choices):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r} is not allowed: use one of {choices}")):
+        RunConfig.from_run_config({key: value})
 
-    def __init__(self) -> None:
-        self.metrics: dict[str, float] = {}
 
-    def global_round(self, local_round: int) -> int:
-        return local_round
+@pytest.mark.parametrize("key, value", [("dp-noise-multiplier", 0.0), ("dp-clipping-norm", -1.0), ("dp-delta", 1.0)])
+def test_dp_values_out_of_range_are_refused(key, value):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={value!r} is not allowed")):
+        RunConfig.from_run_config({"dp": "central", key: value})
 
-    def begin_round(self) -> None:
-        self.metrics = {}
 
-    def add_client_metrics(self, metrics) -> None:
-        self.metrics.update(metrics)
+# A value other than its default for every strategy key, so a test sees each reach Flower. A new key needs
+# one here (test_every_strategy_key_has_an_example_value says so).
+EXAMPLE_VALUES = {
+    "proximal-mu": 0.1,
+    "server-learning-rate": 0.05,
+    "server-momentum": 0.5,
+    "trim-beta": 0.1,
+    "num-malicious-nodes": 0,  # Krum with 3 nodes per round: 2 * 0 + 3
+}
+
+
+def example_keys(spec: StrategySpec) -> dict[str, object]:
+    return {key: EXAMPLE_VALUES[key] for key in spec.arguments}
+
+
+def strategy_config(spec: StrategySpec) -> RunConfig:
+    return RunConfig.from_run_config({"strategy": spec.name, **example_keys(spec)})
+
+
+def hooks() -> StrategyHooks:
+    return StrategyHooks(
+        recorder=MemoryRecorder(),
+        needed_nodes=10,
+        min_train_nodes=10,
+        node_wait_timeout=1.0,
+        round_timeout=1.0,
+        simulation=True,
+    )
 
 
 def build(num_nodes: int = 10, **overrides):
     config = RunConfig.from_run_config({key.replace("_", "-"): value for key, value in overrides.items()})
-    hooks = StrategyHooks(NoRecorder(), 10, 10, 1.0, 1.0, simulation=True)
-    return build_strategy(config, hooks, num_nodes)
+    return build_strategy(config, hooks(), num_nodes)
 
 
-def test_each_name_builds_flowers_class_and_unset_server_learning_rate_keeps_flowers_default():
-    for name in StrategyName:
-        assert type(build(strategy=name.value)).__mro__[2].__name__.lower() == name.value
-    assert build(strategy="fedadam").eta == 0.1 and build(strategy="fedyogi").eta == 0.01
-    assert build(strategy="fedadam", server_learning_rate=0.003).eta == 0.003
-    fedavgm = build(strategy="fedavgm", server_momentum=0.9)
-    assert (fedavgm.server_learning_rate, fedavgm.server_momentum) == (1.0, 0.9)
-    assert build(strategy="fedprox", proximal_mu=0.5).proximal_mu == 0.5
-    assert build(strategy="fedtrimmedavg", trim_beta=0.1).beta == 0.1
+def test_every_strategy_key_has_an_example_value():
+    assert set(strategy_keys()) == set(EXAMPLE_VALUES)
+
+
+@pytest.mark.parametrize("spec", STRATEGY_SPECS, ids=lambda spec: spec.name)
+def test_each_table_entry_builds_its_flower_class_with_the_keys_it_reads(spec):
+    strategy = build(strategy=spec.name, **example_keys(spec))
+    assert isinstance(strategy, flower_class(spec)) and isinstance(strategy, AppHooks)
+    for key, argument in spec.arguments.items():
+        assert getattr(strategy, argument) == EXAMPLE_VALUES[key], (key, argument)
+
+
+@pytest.mark.parametrize("spec", [spec for spec in STRATEGY_SPECS if spec.flower_defaults], ids=lambda spec: spec.name)
+def test_a_key_left_at_zero_keeps_flowers_own_default_which_the_table_names(spec):
+    strategy = build(strategy=spec.name)
+    parameters = inspect.signature(flower_class(spec)).parameters
+    for key, default in spec.flower_defaults.items():
+        argument = spec.arguments[key]
+        assert getattr(strategy, argument) == default == parameters[argument].default, (key, argument)
+
+
+@pytest.mark.parametrize("spec", [spec for spec in STRATEGY_SPECS if spec.server_state], ids=lambda spec: spec.name)
+def test_the_server_state_the_table_names_is_where_flower_keeps_it(spec):
+    strategy = build_strategy(strategy_config(spec), hooks(), num_nodes=10)
+    assert all(getattr(strategy, name) is None for name in spec.server_state)  # Flower's "before round 1"
+    assert server_state(strategy, strategy_config(spec)) == {"optimizer": dict.fromkeys(spec.server_state)}
+
+
+def test_dp_wraps_flowers_strategy_with_noise_for_the_nodes_sampled():
     dp = build(strategy="fedavgm", dp="central", fraction_train=0.5, min_train_nodes=2, dp_noise_multiplier=0.7)
     assert type(dp.strategy).__name__ == "FedAvgM" and dp.noise_multiplier == 0.7 and dp.num_sampled_clients == 5
-    assert dp.sampling_rate == 0.5 and nodes_sampled(RunConfig(fraction_train=0.05), 10) == 10
+    assert dp.sampling_rate == 0.5
+
+
+def test_nodes_sampled_follows_flowers_minimum():
+    assert nodes_sampled(RunConfig(fraction_train=0.05), 10) == 10
+    assert nodes_sampled(RunConfig(fraction_train=0.5, min_train_nodes=2), 10) == 5
+
+
+def docs_row(spec: StrategySpec) -> str:
+    """The row docs/experiments.md must hold for ``spec``."""
+    keys = [
+        f"`{key}`" + (f" (0 = Flower's {spec.flower_defaults[key]})" if key in spec.flower_defaults else "")
+        for key in spec.arguments
+    ]
+    summary = spec.summary.replace("|", "\\|")
+    return f"| `{spec.name}` | `{spec.flower_class}` | {summary} | {', '.join(keys) or 'none'} |"
+
+
+def test_the_docs_list_the_table_row_by_row():
+    rows = [line for line in EXPERIMENTS_DOC.splitlines() if re.match(r"\| `\w+` \| `\w+` \|", line)]
+    assert rows == [docs_row(spec) for spec in STRATEGY_SPECS]
+    names = ", ".join(f"`{spec.name}`" for spec in STRATEGY_SPECS)
+    assert f'| `strategy` | `"fedavg"` | {names} (see' in CONFIGURATION_DOC
+
+
+def pyproject_comment(key: str) -> str:
+    line = next(line for line in PYPROJECT.splitlines() if line.startswith(f"{key} = "))
+    return line.split("#", 1)[1].strip()
+
+
+def test_pyproject_comments_name_the_strategies_and_who_reads_each_key():
+    assert pyproject_comment("strategy") == ", ".join(spec.name for spec in STRATEGY_SPECS)
+    for key, readers in strategy_keys().items():
+        assert re.match(rf"{' / '.join(readers)}\b(?! /)", pyproject_comment(key)), (key, pyproject_comment(key))
+    defaults = ", ".join(
+        f"{spec.name} {spec.flower_defaults['server-learning-rate']}"
+        for spec in STRATEGY_SPECS
+        if "server-learning-rate" in spec.flower_defaults
+    )
+    assert f"({defaults})" in PYPROJECT and f"({defaults})" in CONFIGURATION_DOC
 
 
 def test_krum_needs_enough_nodes_per_round():
@@ -200,15 +289,14 @@ def test_older_rows_read_epsilon_as_none():
 # --------------------------------------------------------------------------- end to end, in process
 
 
-@pytest.mark.parametrize("strategy", [name.value for name in StrategyName])
-def test_each_strategy_runs_two_rounds(tmp_path, strategy):
-    extra = {"proximal_mu": 0.1} if strategy == "fedprox" else {}
-    folder = run(tmp_path, strategy=strategy, **extra)
+@pytest.mark.parametrize("spec", STRATEGY_SPECS, ids=lambda spec: spec.name)
+def test_each_strategy_runs_two_rounds(tmp_path, spec):
+    folder = run(tmp_path, strategy=spec.name, **example_keys(spec))
     assert status(folder)["status"] == "completed", status(folder)
     recorded = rows(folder)
     assert [row["round"] for row in recorded] == [0, 1, 2]
     assert all(math.isfinite(row["central-loss"]) and row["epsilon"] is None for row in recorded)
-    assert json.loads((folder / "config.json").read_text())["strategy"] == strategy
+    assert json.loads((folder / "config.json").read_text())["strategy"] == spec.name
     assert len(list(folder.glob("events.out.tfevents.*"))) == 1  # TensorBoard scalars beside metrics.json
 
 
@@ -251,14 +339,13 @@ def test_fedadam_resume_restores_the_server_moments(tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_without_the_state_a_strategy_needs_is_refused_in_one_line():
-    hooks = StrategyHooks(NoRecorder(), 10, 10, 1.0, 1.0, simulation=True)
     for overrides, expected in (
         ({"strategy": "fedadam"}, "holds no fedadam server-optimizer state (m_t, v_t)"),
         ({"strategy": "fedavgm", "server-momentum": 0.9}, "holds no fedavgm server-optimizer state"),
         ({"dp": "central"}, "holds no privacy accountant, so epsilon would restart"),
     ):
         with pytest.raises(ConfigError, match=re.escape(expected)) as caught:
-            build_strategy(RunConfig.from_run_config(overrides), hooks, 10, resumed_state={})
+            build_strategy(RunConfig.from_run_config(overrides), hooks(), 10, resumed_state={})
         assert "\n" not in str(caught.value)
 
 
@@ -270,10 +357,9 @@ def test_bad_strategy_parameters_fail_the_run_in_one_line(tmp_path):
     assert not (folder / "metrics.json").exists()  # refused before round 0
 
 
-def test_server_state_of_a_fresh_strategy_is_empty_moments():
-    assert server_state(build(strategy="fedadam")) == {"optimizer": {"m_t": None, "v_t": None}}
-    assert server_state(build()) == {}
-    assert set(server_state(build(dp="central"))) == {"privacy"}
+def test_server_state_of_a_strategy_without_a_server_optimizer_is_empty_or_the_privacy_accountant():
+    assert server_state(build(), RunConfig()) == {}
+    assert set(server_state(build(dp="central"), RunConfig(dp=DpMode.CENTRAL))) == {"privacy"}
 
 
 # --------------------------------------------------------------------------- the real path

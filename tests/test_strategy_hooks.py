@@ -9,12 +9,16 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from support.messages import metadata, sent_to
+from support.recorder import MemoryRecorder
 
 from fedcifar_app.compat import ErrorCode
 from fedcifar_app.errors import RunAborted, TrainingDiverged
 from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import new_model
+from fedcifar_app.server.divergence import RoundEvidence
 from fedcifar_app.server.hooks import (
+    Aggregation,
     StrategyHooks,
     check_finite,
     failed_nodes,
@@ -33,24 +37,20 @@ CLIENT_APP_EXCEPTION = (
 )
 
 
-def sent_to(*node_ids: int) -> list[Message]:
-    messages = []
-    for node_id in node_ids:
-        message = Message(RecordDict(), dst_node_id=node_id, message_type="train")
-        message.metadata.__dict__["_message_id"] = f"message-to-{node_id}"  # as Flower's grids do when they push
-        messages.append(message)
-    return messages
-
-
 def ok_reply(message: Message, **metrics: float) -> Message:
     return Message(RecordDict({"metrics": MetricRecord({"num-examples": 10, **metrics})}), reply_to=message)
 
 
 def error_reply(message: Message, reason: str, src: int | None = None) -> Message:
-    reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
-    if src is not None:
-        reply.metadata.__dict__["_src_node_id"] = src
-    return reply
+    """A failed reply to ``message``, from its node or (``src``) from another one, such as the SuperLink."""
+    error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+    if src is None:
+        return Message(error, reply_to=message)
+    answered = message.metadata
+    return Message(
+        error=error,
+        metadata=metadata(src_node_id=src, dst_node_id=answered.src_node_id, reply_to_message_id=answered.message_id),
+    )
 
 
 def test_short_reason_keeps_the_clientapp_message_of_flowers_traceback():
@@ -70,23 +70,7 @@ def test_a_reply_from_the_superlink_is_matched_to_the_node_it_answers_for():
     assert failures == {6: "NODE_UNAVAILABLE", 7: "no reply within round-timeout=30s"}
 
 
-class Recorder:
-    """The recorder side of the hooks, kept in memory."""
-
-    def __init__(self, offset: int = 0) -> None:
-        self.offset, self.began, self.metrics = offset, 0, {}
-
-    def global_round(self, local_round: int) -> int:
-        return local_round + self.offset
-
-    def begin_round(self) -> None:
-        self.began += 1
-
-    def add_client_metrics(self, metrics) -> None:
-        self.metrics.update(metrics)
-
-
-def hooked_fedavg(recorder: Recorder, min_train_nodes: int = 2) -> FedAvg:
+def hooked_fedavg(recorder: MemoryRecorder, min_train_nodes: int = 2) -> FedAvg:
     hooks = StrategyHooks(
         recorder=recorder,
         needed_nodes=3,
@@ -107,7 +91,7 @@ def trained_reply(message: Message, weights, loss: float) -> Message:
 
 
 def test_failing_nodes_are_named_once_per_round_and_results_still_aggregate(caplog):
-    recorder = Recorder(offset=4)  # a resumed run: Flower's round 1 is the run's round 5
+    recorder = MemoryRecorder(offset=4)  # a resumed run: Flower's round 1 is the run's round 5
     strategy = hooked_fedavg(recorder)
     weights = new_model(0).state_dict()
     sent = sent_to(5, 6, 7)
@@ -123,7 +107,7 @@ def test_failing_nodes_are_named_once_per_round_and_results_still_aggregate(capl
 
 
 def test_too_few_training_results_abort_the_round_with_the_fix():
-    strategy = hooked_fedavg(Recorder(), min_train_nodes=3)
+    strategy = hooked_fedavg(MemoryRecorder(), min_train_nodes=3)
     sent = sent_to(5, 6, 7)
     strategy.app_hooks.sent = sent
     weights = new_model(0).state_dict()
@@ -135,7 +119,7 @@ def test_too_few_training_results_abort_the_round_with_the_fix():
 
 
 def test_nan_weights_or_loss_stop_the_round_before_anything_is_recorded():
-    recorder = Recorder()
+    recorder = MemoryRecorder()
     strategy = hooked_fedavg(recorder)
     sent = sent_to(5, 6)
     strategy.app_hooks.sent = sent
@@ -150,6 +134,19 @@ def test_nan_weights_or_loss_stop_the_round_before_anything_is_recorded():
         check_finite(2, ArrayRecord(weights), MetricRecord({"train-loss": math.inf}))
 
 
+def test_an_aggregation_sums_up_as_distances_from_the_global_model_sent():
+    messages = sent_to(5, 6, 7)
+    replies = [
+        trained_reply(messages[0], {"w": torch.full((4,), 1.0)}, 0.5),
+        trained_reply(messages[1], {"w": torch.full((4,), 3.0)}, math.nan),
+        error_reply(messages[2], "x"),
+    ]
+    aggregation = Aggregation(ArrayRecord({"w": torch.zeros(4)}), replies, ArrayRecord({"w": torch.full((4,), 50.0)}))
+    assert aggregation.evidence() == RoundEvidence(
+        client_losses_finite=False, client_step=6.0, server_step=100.0, num_weights=4
+    )
+
+
 def test_configure_train_begins_the_round_and_sends_the_global_round_number():
     class Grid:
         def get_node_ids(self):
@@ -158,7 +155,7 @@ def test_configure_train_begins_the_round_and_sends_the_global_round_number():
         def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
             return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
 
-    recorder = Recorder(offset=2)
+    recorder = MemoryRecorder(offset=2)
     strategy = hooked_fedavg(recorder)
     messages = list(strategy.configure_train(1, ArrayRecord(new_model(0).state_dict()), ConfigRecord({}), Grid()))
     assert recorder.began == 1 and strategy.app_hooks.sent == messages

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import torch
+from support.datasets import small_synthetic
 
 from fedcifar_app import training
-from fedcifar_app.data import ImageTensors, load_split, normalize
+from fedcifar_app.data import normalize
 from fedcifar_app.model import Net, new_model
 from fedcifar_app.seeds import derive_seed
 
 CPU = torch.device("cpu")
-
-
-def small_synthetic(n: int) -> ImageTensors:
-    data = load_split("synthetic", "train")
-    return ImageTensors(data.images[:n], data.labels[:n])
 
 
 def test_model_maps_cifar_batches_to_ten_logits():

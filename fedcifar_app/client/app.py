@@ -6,7 +6,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,7 +15,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from ..compat import ErrorCode
 from ..config import DpMode
 from ..errors import ConfigError, DataError
-from ..runs.metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS
+from ..runs.metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS, number
 from .host import HOST_KEY, on_other_hosts, this_host
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ def job_for(msg: Message, context: Context) -> NodeJob:
     """This node's job for ``msg``; the first call in a process imports torch and the ML code."""
     from .node_job import NodeJob  # first: Flower's to_torch_state_dict needs torch imported already
 
-    weights = msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None
+    arrays = msg.content.array_records.get("arrays")
+    weights = arrays.to_torch_state_dict() if arrays is not None else None
     return NodeJob.build(context.run_config, context.node_config, weights)
 
 
@@ -54,6 +55,12 @@ def replies_user_errors(handler: Callable[[Message, Context], Message]) -> Calla
     return wrapper
 
 
+def served_by() -> ConfigRecord:
+    """Which host (and Ray actor) this reply comes from; the server counts replies per host."""
+    facts: dict[str, Any] = dict(this_host())
+    return ConfigRecord(facts)
+
+
 def client_dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
     """Flower's ``fixedclipping_mod``, only in runs with dp='client': the mod demands a clipping norm
     that only ``DifferentialPrivacyClientSideFixedClipping`` sends, so every other run bypasses it."""
@@ -67,19 +74,21 @@ def client_dp_clipping(msg: Message, context: Context, call_next: Callable[[Mess
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's training split."""
     job = job_for(msg, context)
-    settings = msg.content["config"]
+    settings = msg.content.config_records["config"]
     weights, train_loss = job.train(
-        int(settings["server-round"]),
-        epochs=int(settings["local-epochs"]),
-        batch_size=int(settings["batch-size"]),
-        learning_rate=float(settings["learning-rate"]),
-        proximal_mu=float(settings.get("proximal-mu", 0.0)),  # FedProx sends it; the term is ours to add
+        int(number(settings, "server-round")),
+        epochs=int(number(settings, "local-epochs")),
+        batch_size=int(number(settings, "batch-size")),
+        learning_rate=number(settings, "learning-rate"),
+        proximal_mu=number(settings, "proximal-mu")
+        if "proximal-mu" in settings
+        else 0.0,  # FedProx sends it; the term is ours
     )
     content = RecordDict(
         {
             "arrays": ArrayRecord(weights),
             "metrics": MetricRecord({TRAIN_LOSS: train_loss, NUM_EXAMPLES: len(job.data.train)}),
-            "info": ConfigRecord(this_host()),  # which host served it (the server counts them)
+            "info": served_by(),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -91,7 +100,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's validation split."""
     result = job_for(msg, context).evaluate()
     metrics = MetricRecord({EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy, NUM_EXAMPLES: result.num_examples})
-    return Message(content=RecordDict({"metrics": metrics, "info": ConfigRecord(this_host())}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": metrics, "info": served_by()}), reply_to=msg)
 
 
 @app.query()

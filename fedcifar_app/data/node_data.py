@@ -54,20 +54,20 @@ def _load_node_data(
         own = load_split(node.data_path, "train", key="node config data-path")
         return split_train_val(own, val_fraction, derive_seed(seed, "val-split"), f"data-path={node.data_path}")
     full = load_split(dataset, "train")
-    where = f"partition {node.partition_id} of {node.num_partitions}"
-    key = PartitionKey(dataset, fingerprint, partitioner, node.num_partitions, alpha, seed)
-    if node.num_partitions > len(full):
+    partition_id, num_partitions = node.partition
+    where = f"partition {partition_id} of {num_partitions}"
+    key = PartitionKey(dataset, fingerprint, partitioner, num_partitions, alpha, seed)
+    if num_partitions > len(full):
         rows = torch.empty(0, dtype=torch.int64)  # too thin for the partitioner to even shard
     else:
-        rows = torch.from_numpy(partition_rows(key, node.partition_id, len(full)))
+        rows = torch.from_numpy(partition_rows(key, partition_id, len(full)))
     if len(rows) == 0:
         raise DataError(
-            f"{where} is empty ({len(full)} training samples for {node.num_partitions} nodes); "
-            "use fewer nodes or more data"
+            f"{where} is empty ({len(full)} training samples for {num_partitions} nodes); use fewer nodes or more data"
         )
     # index_select copies whole rows; `tensor[rows]` gathers byte by byte (7x slower on uint8 images).
     part = ImageTensors(full.images.index_select(0, rows), full.labels.index_select(0, rows))
-    return split_train_val(part, val_fraction, derive_seed(seed, "val-split", node.partition_id), where)
+    return split_train_val(part, val_fraction, derive_seed(seed, "val-split", partition_id), where)
 
 
 def split_train_val(data: ImageTensors, val_fraction: float, seed: int, where: str) -> NodeSplits:

@@ -114,7 +114,7 @@ def read_image_folder_split(root: Path, files: list[Path]) -> tuple[np.ndarray, 
     return images, np.array([label_of[f.parent.name] for f in files], dtype=np.int64)
 
 
-def read_hf_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+def read_hf_split(source: HubDataset | LocalFolder, split: str, key: str) -> tuple[np.ndarray, np.ndarray]:
     """Hub ids and save_to_disk folders go through Hugging Face ``datasets``."""
     import datasets
 
@@ -127,7 +127,7 @@ def read_hf_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray,
         name = source.hub_id if isinstance(source, HubDataset) else str(source.path)
         raise DataError(
             f"{key}={name!r} could not be loaded ({type(err).__name__}: {first_line(err)}); "
-            "without internet access pass a local folder, e.g. dataset='../shared/data/cifar10'"
+            "without internet access pass a local folder, e.g. dataset='/path/to/cifar10'"
         ) from None
     if split not in dataset_dict:
         raise DataError(f"{key}: the dataset has splits {list(dataset_dict)} but no {split!r} split")
@@ -148,9 +148,11 @@ def read_hf_split(source: DataSource, split: str, key: str) -> tuple[np.ndarray,
 
 def _read_image_file(path: str | None, where: str) -> bytes:
     """An image a Hugging Face dataset stores by path rather than by bytes."""
+    if path is None:
+        raise DataError(f"{where}: an image has neither bytes nor a file path; rebuild the dataset")
     try:
-        return Path(path).read_bytes()  # type: ignore[arg-type]
-    except (OSError, TypeError) as err:
+        return Path(path).read_bytes()
+    except OSError as err:
         raise DataError(f"{where}: cannot read image file {path} ({err}); restore it or rebuild the dataset") from None
 
 

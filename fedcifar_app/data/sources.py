@@ -69,7 +69,7 @@ def resolve_source(name: str, key: str = "dataset") -> DataSource:
         return LocalFolder(path, FolderKind.IMAGE_FOLDER)
     raise DataError(
         f"{key}={name!r} holds no parquet files, images or save_to_disk dataset: "
-        "pass a folder like ../shared/data/cifar10 (train-*.parquet and test-*.parquet)"
+        "pass a folder like /path/to/cifar10 (train-*.parquet and test-*.parquet)"
     )
 
 

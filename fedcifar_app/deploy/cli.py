@@ -159,26 +159,30 @@ def _add_common(sub: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_up(commands: argparse._SubParsersAction) -> None:
-    up = commands.add_parser("up", help="start a SuperLink and N SuperNodes")
-    _add_common(up)
-    up.add_argument("--nodes", type=int, default=2, help="number of SuperNodes (default: 2)")
-    up.add_argument("--tls", action="store_true", help="TLS with a generated CA (DIR/certs)")
-    up.add_argument(
-        "--auth", action="store_true", help="SuperNode authentication: a registered P-384 key per node (needs --tls)"
-    )
-    up.add_argument(
+def _add_superlink_ports(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--superlink-ports",
         type=_superlink_ports,
         default=SuperLinkPorts(*DEFAULT_SUPERLINK_PORTS),
         metavar="SERVERAPPIO,FLEET,CONTROL",
-        help="SuperLink ports (default: 9091,9092,9093)",
+        help=f"SuperLink ports (default: {','.join(map(str, DEFAULT_SUPERLINK_PORTS))})",
     )
+
+
+def _add_up(commands: argparse._SubParsersAction) -> None:
+    up = commands.add_parser("up", help="start a SuperLink and N SuperNodes")
+    _add_common(up)
+    up.add_argument("--nodes", type=int, default=UpOptions.nodes, help="number of SuperNodes (default: %(default)s)")
+    up.add_argument("--tls", action="store_true", help="TLS with a generated CA (DIR/certs)")
+    up.add_argument(
+        "--auth", action="store_true", help="SuperNode authentication: a registered P-384 key per node (needs --tls)"
+    )
+    _add_superlink_ports(up)
     up.add_argument(
         "--clientappio-base-port",
         type=int,
         default=DEFAULT_CLIENTAPPIO_BASE_PORT,
-        help="ClientAppIo port of the first SuperNode; the next ones count up (default: 9094)",
+        help="ClientAppIo port of the first SuperNode; the next ones count up (default: %(default)s)",
     )
     up.add_argument(
         "--node-config",
@@ -194,8 +198,8 @@ def _add_up(commands: argparse._SubParsersAction) -> None:
     )
     up.add_argument(
         "--host",
-        default="127.0.0.1",
-        help="address the Fleet and Control APIs listen on; 0.0.0.0 to accept other machines (default: 127.0.0.1)",
+        default=UpOptions.host,
+        help="address the Fleet and Control APIs listen on; 0.0.0.0 to accept other machines (default: %(default)s)",
     )
     up.add_argument(
         "--tls-san",
@@ -244,13 +248,7 @@ def _add_roles(commands: argparse._SubParsersAction) -> None:
         help="host name or IP other machines use for this one: named in the certificate (repeatable)",
     )
     superlink.add_argument("--no-auth", action="store_true", help="accept SuperNodes without registered keys")
-    superlink.add_argument(
-        "--superlink-ports",
-        type=_superlink_ports,
-        default=SuperLinkPorts(*DEFAULT_SUPERLINK_PORTS),
-        metavar="SERVERAPPIO,FLEET,CONTROL",
-        help="SuperLink ports (default: 9091,9092,9093)",
-    )
+    _add_superlink_ports(superlink)
     superlink.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S, help="seconds to come up")
     superlink.set_defaults(handler=command_superlink)
 

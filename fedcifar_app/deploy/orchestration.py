@@ -46,6 +46,9 @@ from .state import DeploymentState, ManagedProcess, load_state, save_state, stat
 DEFAULT_DEPLOY_DIR = ".deploy"
 DEFAULT_READY_TIMEOUT_S = 60.0
 DEFAULT_STOP_GRACE_S = 10.0
+# Where pyproject.toml's local-deployment federations point: this machine's default Control port
+# (tests/test_deploy_units.py keeps the two in step).
+LOCAL_FEDERATION_ADDRESS = f"127.0.0.1:{SuperLinkPorts(*DEFAULT_SUPERLINK_PORTS).control}"
 
 
 @dataclass(frozen=True)
@@ -276,7 +279,7 @@ def suggested_run_command(state: DeploymentState, app_dir: Path) -> str:
     """The `flwr run` line that reaches this deployment from `app_dir` on this machine."""
     federation = "local-deployment-tls" if state.tls else "local-deployment"
     overrides = []
-    if state.control_address != "127.0.0.1:9093":
+    if state.control_address != LOCAL_FEDERATION_ADDRESS:
         overrides.append(f"address='{state.control_address}'")
     if state.tls:
         default_ca = (app_dir / DEFAULT_DEPLOY_DIR / "certs" / "ca.crt").resolve()

@@ -24,6 +24,21 @@ CENTRAL_ACCURACY = "central-accuracy"
 EPSILON = "epsilon"  # privacy spent so far (dp runs); the server's accountant, not a client metric
 
 
+def number(values: Mapping[str, Any], key: str) -> float:
+    """``values[key]`` as a number: Flower's records type their values as numbers or lists of them."""
+    value = values[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key}={value!r} is not a number")
+    return value
+
+
+def scalars(values: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers among ``values`` (a Flower record may also hold lists)."""
+    return {
+        key: value for key, value in values.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
 def _finite_or_none(value: Any) -> float | None:
     if value is None:
         return None
@@ -48,11 +63,6 @@ class RoundRow:
     def field_keys(cls) -> tuple[str, ...]:
         """metrics.json keys, in column order."""
         return tuple(f.name.replace("_", "-") for f in dataclasses.fields(cls))
-
-    @classmethod
-    def metric_keys(cls) -> tuple[str, ...]:
-        """The model-quality columns every trained round has (not round, seconds, or epsilon, which only DP runs have)."""
-        return tuple(key for key in cls.field_keys() if key not in ("round", "seconds", EPSILON))
 
     def to_json(self) -> dict[str, Any]:
         """Kebab-case keys; a non-finite number is stored as null so metrics.json stays strict JSON."""

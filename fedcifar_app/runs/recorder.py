@@ -109,10 +109,11 @@ class RunRecorder:
         A non-finite loss or weight records nothing, so the last checkpoint stays the last finite model.
         """
         round_number = self.global_round(local_round)
-        if not (math.isfinite(central_loss) and weights_are_finite(weights)):
+        weights_finite = weights_are_finite(weights)
+        if not (math.isfinite(central_loss) and weights_finite):
             raise TrainingDiverged(
-                f"round {round_number}: the global model's central-loss is {central_loss} (weights not finite): "
-                "training diverged"
+                f"round {round_number}: the global model's central-loss is {central_loss} "
+                f"(weights {'' if weights_finite else 'not '}finite): training diverged"
             )
         row = RoundRow(
             round=round_number,

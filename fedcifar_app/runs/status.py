@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..config import RunConfig
 from ..files import atomic_write_json
 from ..procfs import PROC, process_start
 from .folder import RUN_FOLDER_FORMAT
@@ -51,6 +52,10 @@ def stale_after(node_wait_timeout: float, round_timeout: float) -> float:
     """Longest gap between two status updates of a live run: a round refreshes status.json at its start
     and end, and in between waits at most twice (train, evaluate) for nodes and for replies."""
     return 2 * (node_wait_timeout + round_timeout) + STALE_MARGIN_S
+
+
+# For a folder that records no stale-after-s (older versions): a run at the default timeouts.
+DEFAULT_STALE_AFTER_S = stale_after(RunConfig.node_wait_timeout, RunConfig.round_timeout)
 
 
 def timestamp(now: float | None = None) -> str:
@@ -125,7 +130,7 @@ def _why_not_running(raw: dict[str, Any], updated: datetime | None, now: float) 
         if start is not None and current != start:
             return f"its process {pid} is gone (the pid now belongs to another process)"
         return ""
-    limit = float(raw.get("stale-after-s", stale_after(120.0, 600.0)))
+    limit = float(raw.get("stale-after-s", DEFAULT_STALE_AFTER_S))
     if updated is None:
         return "it records no update time"
     age = now - updated.timestamp()

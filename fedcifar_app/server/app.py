@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from ..compat import RunNotRunningException
-from ..errors import ConfigError, DataError, RunAborted, RunStopped, TrainingDiverged
+from ..errors import ConfigError, DataError, RunAborted, RunStopped
 from ..logs import APP_LOGGER
 from ..runs.run_log import run_log
 from .stopping import BY_FLWR_STOP, RunStop
@@ -32,16 +31,16 @@ USER_ERRORS = (ConfigError, DataError, RunAborted)
 def main(grid: Grid, context: Context) -> None:
     """Run the federation; a user error ends it with one ERROR line and a failed status, no traceback;
     a stop (Ctrl-C, SIGTERM, `flwr stop`) with status "stopped", recorded when it came (see stopping)."""
+    from ..config import output_dir_of
     from ..runs.folder import create_run_folder
     from ..runs.status import write_status
-    from .run import diverged_advice, run_federation
+    from .run import run_federation
 
     with flower_logs(verbose=context.run_config.get("verbose") is True), contextlib.ExitStack() as logs:
         folder = None
         stop = RunStop()
         try:
-            output_dir = Path(str(context.run_config.get("output-dir", "outputs"))).expanduser().resolve()
-            folder = create_run_folder(output_dir)
+            folder = create_run_folder(output_dir_of(context.run_config))
             logs.enter_context(run_log(folder))
             run_federation(grid, context, folder, stop)
         except RunStopped:
@@ -51,8 +50,6 @@ def main(grid: Grid, context: Context) -> None:
             raise  # Flower's flwr-serverapp ends a stopped run on this
         except USER_ERRORS as err:
             message = str(err)
-            if isinstance(err, TrainingDiverged):
-                message += diverged_advice(context, folder)
             logger.error("%s", message)
             if folder is not None and not stop.requested:
                 write_status(folder, "failed", message)

@@ -13,6 +13,7 @@ from ..compat import MessageType
 from ..config import RunConfig
 from ..errors import RunAborted
 from ..logs import APP_LOGGER
+from ..runs.metrics import number, scalars
 from ..seeds import derive_seed
 from .hooks import replies_by_node, short_reason
 from .hosts import HostLedger, reply_host
@@ -61,7 +62,7 @@ def check_node_data(
             failures.append(f"node {node_id}: {where}{short_reason(reply.error.reason)}")
         else:
             names[node_id] = str(reply.content["info"]["data"])
-            train_sizes.append(int(reply.content["metrics"]["num-train"]))
+            train_sizes.append(int(number(reply.content.metric_records["metrics"], "num-train")))
             answered.append(reply)
     needed = max(config.min_train_nodes, config.min_evaluate_nodes)
     if len(names) < needed:
@@ -93,12 +94,13 @@ def spread_over_hosts(replies: list[Message]) -> str:
     for reply in replies:
         host = (reply_host(reply) or ("unknown host", ""))[0]
         nodes[host] += 1
-        threads.setdefault(host, set()).add(int(reply.content["metrics"].get("torch-threads", 0)))
+        reported = scalars(reply.content.metric_records["metrics"]).get("torch-threads")
+        threads.setdefault(host, set()).update([int(reported)] if reported is not None else [])
     if len(nodes) < 2:
         return ""
-    per_host = "; ".join(
-        f"{host}: {count} node{'s' * (count > 1)}, {'/'.join(map(str, sorted(threads[host])))} torch "
-        f"thread{'s' * (max(threads[host]) > 1)}"
-        for host, count in sorted(nodes.items())
-    )
-    return f" on {len(nodes)} hosts ({per_host})"
+    per_host = [f"{host}: {count} node{'s' * (count > 1)}" for host, count in sorted(nodes.items())]
+    for index, host in enumerate(sorted(nodes)):
+        if threads[host]:
+            counts = sorted(threads[host])
+            per_host[index] += f", {'/'.join(map(str, counts))} torch thread{'s' * (counts[-1] > 1)}"
+    return f" on {len(nodes)} hosts ({'; '.join(per_host)})"

@@ -14,15 +14,17 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from ..errors import RunAborted, TrainingDiverged
 from ..logs import APP_LOGGER
-from ..runs.metrics import TRAIN_LOSS
+from ..runs.metrics import TRAIN_LOSS, number, scalars
 from ..training import weights_are_finite
+from .divergence import RoundEvidence
 from .hosts import HostLedger
 
 logger = logging.getLogger(APP_LOGGER)
@@ -33,14 +35,14 @@ __all__ = ["AppHooks", "RoundSink", "RunAborted", "StrategyHooks", "with_app_hoo
 _FLOWER_REASON = re.compile(r"^<class '(?P<cls>[\w.]+)'>:<'(?P<text>.*)'>$", re.DOTALL)
 
 
-def short_reason(reason: str) -> str:
+def short_reason(reason: str | None) -> str:
     """A node's error in one line.
 
     Flower reports a ClientApp exception as ``<class 'X'>:<'text'>``, where for its own
     ClientAppException the text is "\\nException ClientAppException occurred. Message: ...";
     this app's own error replies are already one line.
     """
-    reason = reason.strip()
+    reason = (reason or "").strip()
     match = _FLOWER_REASON.match(reason)
     if match:
         name, text = match["cls"].rsplit(".", 1)[-1], match["text"]
@@ -102,7 +104,7 @@ def wait_for_nodes(grid: Grid, needed: int, timeout: float, *, simulation: bool)
                 f"the simulated federation has {len(node_ids)} SuperNodes but the run config needs {needed} "
                 "(min-available-nodes / min-train-nodes / min-evaluate-nodes): lower them with --run-config "
                 f"or raise options.num-supernodes in pyproject.toml (a --federation-config override must restate "
-                "every other option too, see README)"
+                "every other option too, see docs/configuration.md)"
             )
         previous_count = len(node_ids)
         if not simulation and now >= deadline:
@@ -132,6 +134,43 @@ class RoundSink(Protocol):
 
 
 @dataclass
+class Aggregation:
+    """One round's train aggregation, by reference: the global model sent, the replies, the aggregate.
+
+    Kept until the next round's, so that a round that diverges, in the aggregation or in the central
+    evaluation after it, can be explained (``divergence.blame``) at no cost to the rounds that do not.
+    """
+
+    sent: ArrayRecord
+    replies: list[Message]
+    aggregated: ArrayRecord | None
+
+    def evidence(self) -> RoundEvidence:
+        sent = {key: array.numpy().astype(np.float64) for key, array in self.sent.items()}
+        losses, steps = [], []
+        for reply in self.replies:
+            if reply.has_error():
+                continue
+            losses += [number(r, TRAIN_LOSS) for r in reply.content.metric_records.values() if TRAIN_LOSS in r]
+            steps += [_distance(sent, arrays) for arrays in reply.content.array_records.values()]
+        return RoundEvidence(
+            client_losses_finite=all(math.isfinite(loss) for loss in losses),
+            client_step=max(steps, default=0.0),
+            server_step=None if self.aggregated is None else _distance(sent, self.aggregated),
+            num_weights=sum(array.size for array in sent.values()),
+        )
+
+
+def _distance(origin: Mapping[str, np.ndarray], arrays: ArrayRecord) -> float:
+    """L2 distance over all weights, in float64; inf when any weight is not finite."""
+    total = 0.0
+    for key, array in arrays.items():
+        difference = (array.numpy().astype(np.float64) - origin[key]).ravel()
+        total += float(np.dot(difference, difference))
+    return math.sqrt(total) if math.isfinite(total) else math.inf
+
+
+@dataclass
 class StrategyHooks:
     """What the hooks need to know about the run; one object, so any strategy class takes it alike."""
 
@@ -146,6 +185,8 @@ class StrategyHooks:
     hosts: HostLedger = field(default_factory=HostLedger)  # which hosts replied (a Ray cluster has several)
     resume_hint: Callable[[], str] = lambda: ""  # "; resume ... with: <command>" once a round is checkpointed
     sent: list[Message] = field(default_factory=list)  # this stage's messages, to tell whose reply is missing
+    sent_arrays: ArrayRecord | None = None  # the global model this round's training started from
+    last_aggregation: Aggregation | None = None  # what explains a divergence (see Aggregation)
     reported: set[tuple[int, int]] = field(default_factory=set)  # (round, node): each failure named once
 
     def report_failures(self, round_number: int, stage: str, replies: list[Message]) -> int:
@@ -173,7 +214,7 @@ class StrategyHooks:
 
 def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
     """Stop before a NaN/inf model is evaluated, recorded or checkpointed."""
-    loss = float(metrics[TRAIN_LOSS]) if metrics is not None and TRAIN_LOSS in metrics else 0.0
+    loss = number(metrics, TRAIN_LOSS) if metrics is not None and TRAIN_LOSS in metrics else 0.0
     weights_ok = arrays is None or weights_are_finite(arrays.to_torch_state_dict())
     if not (math.isfinite(loss) and weights_ok):
         raise TrainingDiverged(
@@ -182,8 +223,27 @@ def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricR
         )
 
 
-class AppHooks:
-    """Mixin placed before a Flower strategy class; see ``with_app_hooks``."""
+if TYPE_CHECKING:  # the type checker reads the mixin as going before FedAvg, whose hooks every strategy shares
+    from flwr.serverapp.strategy import FedAvg as _FlowerStrategy
+else:
+    _FlowerStrategy = object
+
+
+class AppHooks(_FlowerStrategy):
+    """Mixin placed before a Flower strategy class (see ``with_app_hooks``). What it does to Flower's calls:
+
+    - ``server_round``: Flower's ``start`` counts this process's rounds from 1. Each hook passes the run's
+      global round instead (``recorder.global_round``: plus the rounds a resumed run had finished) to the
+      Flower class, so the round number sent to the nodes, and the seeds they derive from it, follow the
+      whole run. ``evaluate_fn`` still gets Flower's count; the recorder adds the offset there.
+    - ``configure_train`` first passes the round boundary (a requested stop raises there), begins the
+      round's record and waits, bounded, for the nodes; ``configure_evaluate`` waits too.
+    - ``configure_*`` keep the messages they send in ``hooks.sent``; the matching ``aggregate_*`` reads
+      them to name each node that failed or never replied (once per round and node).
+    - ``aggregate_train`` refuses a round with fewer than min-train-nodes results, keeps the aggregation
+      (``hooks.last_aggregation``) to explain a divergence, stops on NaN/inf before anything is recorded,
+      and hands the aggregated client metrics to the recorder, as ``aggregate_evaluate`` does.
+    """
 
     def __init__(self, *args: Any, app_hooks: StrategyHooks, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -197,7 +257,8 @@ class AppHooks:
         hooks.recorder.begin_round()
         wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
         round_number = hooks.recorder.global_round(server_round)
-        hooks.sent = list(super().configure_train(round_number, arrays, config, grid))  # type: ignore[misc]
+        hooks.sent_arrays = arrays
+        hooks.sent = list(super().configure_train(round_number, arrays, config, grid))
         return hooks.sent
 
     def configure_evaluate(
@@ -206,7 +267,7 @@ class AppHooks:
         hooks = self.app_hooks
         wait_for_nodes(grid, hooks.needed_nodes, hooks.node_wait_timeout, simulation=hooks.simulation)
         round_number = hooks.recorder.global_round(server_round)
-        hooks.sent = list(super().configure_evaluate(round_number, arrays, config, grid))  # type: ignore[misc]
+        hooks.sent = list(super().configure_evaluate(round_number, arrays, config, grid))
         return hooks.sent
 
     def aggregate_train(
@@ -222,10 +283,12 @@ class AppHooks:
                 f"min-train-nodes={hooks.min_train_nodes}; fix the failing nodes (errors above), "
                 "or lower min-train-nodes, then resume with resume-from"
             )
-        arrays, metrics = super().aggregate_train(round_number, replies)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(round_number, replies)
+        if hooks.sent_arrays is not None:
+            hooks.last_aggregation = Aggregation(hooks.sent_arrays, replies, arrays)
         check_finite(round_number, arrays, metrics)
         if metrics is not None:
-            hooks.recorder.add_client_metrics(metrics)
+            hooks.recorder.add_client_metrics(scalars(metrics))
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -233,9 +296,9 @@ class AppHooks:
         replies = list(replies)
         round_number = hooks.recorder.global_round(server_round)
         hooks.report_failures(round_number, "evaluate", replies)
-        metrics = super().aggregate_evaluate(round_number, replies)  # type: ignore[misc]
+        metrics = super().aggregate_evaluate(round_number, replies)
         if metrics is not None:
-            hooks.recorder.add_client_metrics(metrics)
+            hooks.recorder.add_client_metrics(scalars(metrics))
         return metrics
 
 

@@ -58,9 +58,10 @@ class HostLedger:
             if actor:
                 self.actor_hosts[actor] = host
 
-    def lost_actor(self, reason: str) -> str | None:
+    def lost_actor(self, reason: str | None) -> str | None:
         """For an error reason that says a Ray actor is gone: where it was ("host w2 (10.0.0.3)");
         None for any other error."""
+        reason = reason or ""
         kind = ACTOR_LOST.search(reason)
         if kind is None:
             return None

@@ -19,22 +19,24 @@ from flwr.serverapp import Grid
 
 from .. import training
 from ..compat import is_simulation
-from ..config import NodeData, RunConfig
+from ..config import NodeData, RunConfig, absolute_path
 from ..data import ImageTensors, check_dataset, class_names, load_node_data, load_split
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDiverged
 from ..logs import APP_LOGGER
 from ..model import Net, new_model
 from ..runs.board import ScalarBoard
 from ..runs.checkpoint import Checkpoint
+from ..runs.folder import CHECKPOINT
 from ..runs.metrics import CENTRAL_ACCURACY, CENTRAL_LOSS, format_row, summary_table
 from ..runs.recorder import RunRecorder
 from ..runs.status import read_status, write_status
 from ..seeds import derive_seed
 from .data_check import check_node_data
+from .divergence import advice, blame
 from .hooks import StrategyHooks, wait_for_nodes
 from .hosts import HostLedger
 from .stopping import RunStop, resume_command, typed_flwr_run
-from .strategy_builder import build_strategy, server_state
+from .strategy_builder import build_strategy, nodes_sampled, server_state
 
 logger = logging.getLogger(APP_LOGGER)
 
@@ -102,8 +104,8 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         resume_hint=lambda: resume_hint(recorder, config, folder, simulation=simulation, typed=typed),
     )
     strategy = build_strategy(config, hooks, len(node_ids), resumed.server_state if resumed else None)
-    recorder.server_state = lambda: server_state(strategy)
-    logger.info("Strategy: %s (dp %s)", config.strategy.value, config.dp.value)
+    recorder.server_state = lambda: server_state(strategy, config)
+    logger.info("Strategy: %s (dp %s)", config.strategy, config.dp.value)
     board = ScalarBoard(folder)
     model = Net()
 
@@ -124,14 +126,18 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
     train_config = ConfigRecord(
         {"learning-rate": config.learning_rate, "local-epochs": config.local_epochs, "batch-size": config.batch_size}
     )
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(weights),
-        num_rounds=config.num_server_rounds - recorder.round_offset,
-        timeout=config.round_timeout,
-        train_config=train_config,
-        evaluate_fn=central_evaluate,
-    )
+    try:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(weights),
+            num_rounds=config.num_server_rounds - recorder.round_offset,
+            timeout=config.round_timeout,
+            train_config=train_config,
+            evaluate_fn=central_evaluate,
+        )
+    except TrainingDiverged as err:
+        sampled = nodes_sampled(config, len(node_ids))
+        raise TrainingDiverged(f"{err}{diverged_advice(config, hooks, sampled, folder)}") from err
     board.close()  # each row is flushed as written, so a run that raises above loses no scalars
     recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
     logger.info("Results per round:\n%s", summary_table(recorder.rows))
@@ -153,7 +159,7 @@ def load_resumed(config: RunConfig) -> Checkpoint | None:
     """The checkpoint to continue from; a run that still runs is refused (two runs would share it)."""
     if not config.resume_from:
         return None
-    source = Path(config.resume_from).expanduser().resolve()
+    source = absolute_path(config.resume_from)
     resumed = Checkpoint.load(source)
     try:
         previous = read_status(source)
@@ -216,12 +222,14 @@ def record_stop(
         logger.warning("Run %s; no round was checkpointed, so start it again rather than resume", reason)
 
 
-def diverged_advice(context: Context, folder: Path | None) -> str:
-    """What to change after NaN/inf: the likely key, and where the last finite model is."""
-    advice = f": learning-rate={context.run_config.get('learning-rate')} is likely too high; lower it"
-    if folder is not None and (folder / "checkpoint.pt").exists():
-        advice += f", then resume-from='{folder}' continues from the last finite round"
-    return advice
+def diverged_advice(config: RunConfig, hooks: StrategyHooks, sampled: int, folder: Path) -> str:
+    """What to change after NaN/inf: the likely key (from the last aggregation, see server.divergence),
+    and where the last finite model is."""
+    evidence = hooks.last_aggregation.evidence() if hooks.last_aggregation is not None else None
+    hint = f": {advice(config, blame(config, evidence, sampled), sampled)}"
+    if (folder / CHECKPOINT).exists():
+        hint += f", then resume-from='{folder}' continues from the last finite round"
+    return hint
 
 
 def write_samples(folder: Path, config: RunConfig, num_partitions: int) -> None:

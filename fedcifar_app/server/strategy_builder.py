@@ -1,8 +1,8 @@
 """Which Flower strategy aggregates the run, built from the run config in one place.
 
-``build_strategy`` takes Flower's own class for ``strategy`` (``flwr.serverapp.strategy``),
-wraps it in Flower's DP wrapper when ``dp`` is on, and gives the outermost object this app's
-hooks (``hooks.with_app_hooks``). ``server_state`` / ``restore_server_state`` carry what a
+``build_strategy`` takes Flower's own class for ``strategy`` (``flwr.serverapp.strategy``), with the
+constructor arguments the strategy table maps the run-config keys to, wraps it in Flower's DP wrapper
+when ``dp`` is on, and gives the outermost object this app's hooks (``hooks.with_app_hooks``). ``server_state`` / ``restore_server_state`` carry what a
 strategy keeps between rounds (server optimizer moments, FedAvgM momentum, the privacy
 accountant) through the checkpoint, so a resumed run continues it instead of restarting it.
 """
@@ -10,45 +10,33 @@ accountant) through the checkpoint, so a resumed run continues it instead of res
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flower
 
-from ..config import STRATEGY_DEFAULT, DpMode, RunConfig, StrategyName
+from ..config import DpMode, RunConfig
 from ..errors import ConfigError
 from ..runs.metrics import EPSILON, NUM_EXAMPLES
+from ..strategy_table import FLOWER_DEFAULT, StrategySpec
 from .hooks import StrategyHooks, with_app_hooks
 from .privacy import PrivacyAccountant
 
-STRATEGY_CLASSES: dict[StrategyName, type] = {
-    StrategyName.FEDAVG: flower.FedAvg,
-    StrategyName.FEDPROX: flower.FedProx,
-    StrategyName.FEDAVGM: flower.FedAvgM,
-    StrategyName.FEDADAM: flower.FedAdam,
-    StrategyName.FEDYOGI: flower.FedYogi,
-    StrategyName.FEDADAGRAD: flower.FedAdagrad,
-    StrategyName.FEDMEDIAN: flower.FedMedian,
-    StrategyName.FEDTRIMMEDAVG: flower.FedTrimmedAvg,
-    StrategyName.KRUM: flower.Krum,
-}
 DP_WRAPPERS: dict[DpMode, type] = {
     DpMode.CENTRAL: flower.DifferentialPrivacyServerSideFixedClipping,
     DpMode.CLIENT: flower.DifferentialPrivacyClientSideFixedClipping,
 }
-# Attributes where Flower keeps a server optimizer's state between rounds (None until round 1 ends).
-OPTIMIZER_ATTRIBUTES: dict[type, tuple[str, ...]] = {
-    flower.FedAvgM: ("momentum_vector",),  # a list of arrays
-    flower.FedAdam: ("m_t", "v_t"),  # dicts of arrays (FedOpt's)
-    flower.FedYogi: ("m_t", "v_t"),
-    flower.FedAdagrad: ("m_t", "v_t"),
-}
+
+
+def flower_class(spec: StrategySpec) -> type:
+    """The strategy's class in ``flwr.serverapp.strategy``."""
+    return getattr(flower, spec.flower_class)
 
 
 def strategy_arguments(config: RunConfig) -> dict[str, Any]:
-    """The Flower constructor's arguments; keys left at "default" are not passed, so Flower's own apply."""
+    """The Flower constructor's arguments; keys left at "Flower's default" are not passed, so Flower's own apply."""
     arguments: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
@@ -57,20 +45,10 @@ def strategy_arguments(config: RunConfig) -> dict[str, Any]:
         "min_available_nodes": config.min_available_nodes,
         "weighted_by_key": NUM_EXAMPLES,
     }
-    name = config.strategy
-    if name is StrategyName.FEDPROX:
-        arguments["proximal_mu"] = config.proximal_mu
-    elif name is StrategyName.FEDAVGM:
-        arguments["server_momentum"] = config.server_momentum
-        if config.server_learning_rate != STRATEGY_DEFAULT:
-            arguments["server_learning_rate"] = config.server_learning_rate
-    elif name in (StrategyName.FEDADAM, StrategyName.FEDYOGI, StrategyName.FEDADAGRAD):
-        if config.server_learning_rate != STRATEGY_DEFAULT:
-            arguments["eta"] = config.server_learning_rate
-    elif name is StrategyName.FEDTRIMMEDAVG:
-        arguments["beta"] = config.trim_beta
-    elif name is StrategyName.KRUM:
-        arguments["num_malicious_nodes"] = config.num_malicious_nodes
+    spec, values = config.strategy_spec, config.to_run_config()
+    for key, argument in spec.arguments.items():
+        if not (key in spec.flower_defaults and values[key] == FLOWER_DEFAULT):
+            arguments[argument] = values[key]
     return arguments
 
 
@@ -79,7 +57,13 @@ def nodes_sampled(config: RunConfig, num_nodes: int) -> int:
     return min(num_nodes, max(int(num_nodes * config.fraction_train), config.min_train_nodes))
 
 
-class DpAccounting:
+if TYPE_CHECKING:  # the type checker reads the mixin as going before a DP wrapper (both share their hooks)
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping as _FlowerDpWrapper
+else:
+    _FlowerDpWrapper = object
+
+
+class DpAccounting(_FlowerDpWrapper):
     """Mixin before a Flower DP wrapper: after each round whose update was released (noised), account it."""
 
     def __init__(
@@ -98,9 +82,9 @@ class DpAccounting:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:  # Flower released a noised mean: this round spent privacy
-            self.accountant.step(self.noise_multiplier, self.sampling_rate)  # type: ignore[attr-defined]
+            self.accountant.step(self.noise_multiplier, self.sampling_rate)
         self.on_epsilon(self.accountant.epsilon())
         return arrays, metrics
 
@@ -110,15 +94,10 @@ def build_strategy(
 ) -> Any:
     """The run's strategy with this app's hooks; a resumed run passes its checkpoint's ``server_state``."""
     sampled = nodes_sampled(config, num_nodes)
-    if config.strategy is StrategyName.KRUM and sampled < 2 * config.num_malicious_nodes + 3:
-        raise ConfigError(
-            f"run-config num-malicious-nodes={config.num_malicious_nodes}: Krum needs at least "
-            f"2 * num-malicious-nodes + 3 = {2 * config.num_malicious_nodes + 3} nodes per round but "
-            f"{sampled} train each round: lower num-malicious-nodes or add nodes"
-        )
-    flower_class = STRATEGY_CLASSES[config.strategy]
+    check_nodes_per_round(config, sampled)
+    aggregator = flower_class(config.strategy_spec)
     if config.dp is DpMode.OFF:
-        strategy = with_app_hooks(flower_class)(app_hooks=hooks, **strategy_arguments(config))
+        strategy = with_app_hooks(aggregator)(app_hooks=hooks, **strategy_arguments(config))
     else:
         accountant = PrivacyAccountant(delta=config.dp_delta)
         if resumed_state is not None:
@@ -131,7 +110,7 @@ def build_strategy(
         wrapper = DP_WRAPPERS[config.dp]
         accounted = type(f"Accounted{wrapper.__name__}", (DpAccounting, wrapper), {})
         strategy = with_app_hooks(accounted)(
-            flower_class(**strategy_arguments(config)),
+            aggregator(**strategy_arguments(config)),
             config.dp_noise_multiplier,
             config.dp_clipping_norm,
             sampled,
@@ -145,16 +124,24 @@ def build_strategy(
     return strategy
 
 
+def check_nodes_per_round(config: RunConfig, sampled: int) -> None:
+    """A strategy that needs more nodes per round than ``sampled`` is refused before round 1, in one line."""
+    spec = config.strategy_spec
+    if spec.nodes_per_round is None:
+        return
+    values = config.to_run_config()
+    needed = spec.nodes_per_round.count(values)
+    if sampled < needed:
+        keys = " ".join(f"{key}={values[key]}" for key in spec.arguments)
+        raise ConfigError(
+            f"run-config {keys}: {spec.flower_class} needs at least {spec.nodes_per_round.rule} = {needed} nodes "
+            f"per round but {sampled} train each round: lower {' / '.join(spec.arguments)} or add nodes"
+        )
+
+
 def _aggregator(strategy: Any) -> Any:
     """The Flower strategy that aggregates (a DP wrapper keeps it in ``.strategy``)."""
     return getattr(strategy, "strategy", strategy)
-
-
-def _optimizer_attributes(strategy: Any) -> tuple[str, ...]:
-    for flower_class, attributes in OPTIMIZER_ATTRIBUTES.items():
-        if isinstance(_aggregator(strategy), flower_class):
-            return attributes
-    return ()
 
 
 def _to_tensors(value: Any) -> Any:
@@ -174,10 +161,10 @@ def _to_arrays(value: Any) -> Any:
     return value
 
 
-def server_state(strategy: Any) -> dict[str, Any]:
+def server_state(strategy: Any, config: RunConfig) -> dict[str, Any]:
     """What the strategy carries into the next round, in checkpoint form."""
     state: dict[str, Any] = {}
-    attributes = _optimizer_attributes(strategy)
+    attributes = config.strategy_spec.server_state
     if attributes:
         aggregator = _aggregator(strategy)
         state["optimizer"] = {name: _to_tensors(getattr(aggregator, name)) for name in attributes}
@@ -188,12 +175,12 @@ def server_state(strategy: Any) -> dict[str, Any]:
 
 def restore_server_state(strategy: Any, config: RunConfig, state: dict[str, Any]) -> None:
     """Put a checkpoint's state back, or refuse in one line when a resumed run lacks state it needs."""
-    attributes = _optimizer_attributes(strategy)
+    attributes = config.strategy_spec.server_state
     if attributes:
         saved = state.get("optimizer")
         if not isinstance(saved, dict) or set(saved) != set(attributes):
             raise ConfigError(
-                f"run-config resume-from: the checkpoint holds no {config.strategy.value} server-optimizer state "
+                f"run-config resume-from: the checkpoint holds no {config.strategy} server-optimizer state "
                 f"({', '.join(attributes)}), so resuming would restart the optimizer: start a new run instead"
             )
         aggregator = _aggregator(strategy)

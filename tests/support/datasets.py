@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedcifar_app.data import ImageTensors, load_split
+
 
 def encode_image(pixels: np.ndarray, image_format: str = "JPEG", quality: int = 75) -> bytes:
     """HWC uint8 (1, 3 or 4 channels) -> encoded bytes, as the hub's CIFAR-10 stores them."""
@@ -102,3 +104,25 @@ def make_multi_file_dataset(root: Path, train_rows: int = 200, test_rows: int = 
     write_parquet_split(root / "train-00001-of-00002.parquet", train[0][half:], train[1][half:], 64)
     write_parquet_split(root / "test-00000-of-00001.parquet", *test, 64)
     return ParquetFolder(root, train, test)
+
+
+def make_image_folder(
+    root: Path, class_names: tuple[str, ...], image_format: str, seed: int, per_class: int = 3
+) -> Path:
+    """An image folder dataset: ``root/<split>/<class>/<i>.png|jpg`` with random 32x32 images."""
+    rng = np.random.default_rng(seed)
+    suffix = "png" if image_format == "PNG" else "jpg"
+    for split in ("train", "test"):
+        for name in class_names:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+                (folder / f"{i}.{suffix}").write_bytes(encode_image(pixels, image_format))
+    return root
+
+
+def small_synthetic(n: int) -> ImageTensors:
+    """The first ``n`` images of the app's synthetic training split, in memory."""
+    data = load_split("synthetic", "train")
+    return ImageTensors(data.images[:n], data.labels[:n])

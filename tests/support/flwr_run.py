@@ -42,6 +42,11 @@ def small_federation(num_supernodes: int = 3) -> str:
     return pyproject.federation_override(PROJECT, {"num-supernodes": num_supernodes})
 
 
+# Small federations keep end-to-end runs to seconds: 3 SuperNodes, and run-config minimums to match.
+SMALL_NODES = "min-train-nodes=3 min-evaluate-nodes=2 min-available-nodes=3"
+SMALL_FEDERATION = small_federation(3)  # one string, since flwr refuses a key given twice
+
+
 def flwr_environment(cache_dir: Path) -> dict[str, str]:
     """The test's environment, with the venv's Flower commands on PATH and a private decode cache."""
     return {
@@ -224,11 +229,12 @@ def run_flwr(
     run_config: str,
     *,
     env: dict[str, str],
-    federation_config: str | None = None,
+    federation_config: str | None = SMALL_FEDERATION,
     timeout: float = 240,
     extra_args: tuple[str, ...] = (),
 ) -> FlwrRun:
-    """Run `flwr run .` to the end and return it (its folder, status, metrics and output)."""
+    """Run `flwr run .` to the end (on the small federation unless told) and return it (its folder,
+    status, metrics and output)."""
     return (
         FlwrRun(output_dir, run_config, env=env, federation_config=federation_config, extra_args=extra_args)
         .start()
