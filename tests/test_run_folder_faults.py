@@ -347,7 +347,7 @@ def test_a_real_write_fault_ends_the_run_in_one_line_and_the_run_resumes_elsewhe
         f"dataset='synthetic' {SMALL_NODES} num-server-rounds=8",
         env={**env, "COPY": str(copy)},
         federation_config=SMALL_FEDERATION,
-        command_prefix=in_namespace,
+        prefix=in_namespace,
         log_path=tmp_path / f"{fault}.log",
     ).start()
     try:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from support.messages import metadata, sent_to
 from support.recorder import MemoryRecorder
 
-from fedcifar_app.compat import ErrorCode, MessageType
+from fedcifar_app.compat import ErrorCode
 from fedcifar_app.errors import RunAborted, TrainingDiverged
 from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import new_model
@@ -35,21 +35,6 @@ CLIENT_APP_EXCEPTION = (
     "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
     "Message: data-path='/d' holds no images'>"
 )
-
-
-def metadata(**fields) -> Metadata:
-    """Message metadata as a grid leaves it once pushed (every field set)."""
-    defaults = {"run_id": 1, "message_id": "", "src_node_id": 0, "reply_to_message_id": "", "group_id": "1"}
-    defaults |= {"created_at": time.time(), "ttl": 600.0, "message_type": MessageType.TRAIN}
-    return Metadata(**(defaults | fields))
-
-
-def sent_to(*node_ids: int) -> list[Message]:
-    """Train messages as the grid has pushed them: each with its message id."""
-    return [
-        Message(content=RecordDict(), metadata=metadata(message_id=f"message-to-{node_id}", dst_node_id=node_id))
-        for node_id in node_ids
-    ]
 
 
 def ok_reply(message: Message, **metrics: float) -> Message:

@@ -81,16 +81,30 @@ def record_failure(folder: Path, message: str, err: BaseException | None = None)
     return message, True
 
 
+def lost_actor_tracebacks(record: logging.LogRecord) -> bool:
+    """False for the ERROR lines (the exception, then its traceback) with which Flower's simulation
+    engine logs every message sent to a lost Ray actor: the run names the lost host in one line."""
+    from .hosts import ACTOR_LOST  # Flower-free but for the Message type; loaded once a run logs
+
+    if record.levelno < logging.ERROR or record.module not in ("vce_api", "raybackend"):
+        return True
+    text = record.msg if isinstance(record.msg, str) else type(record.msg).__name__  # `log(ERROR, ex)`
+    return ACTOR_LOST.search(text) is None
+
+
 @contextlib.contextmanager
 def flower_logs(verbose: bool) -> Iterator[None]:
-    """Keep Flower's per-message INFO lines out of the way unless ``verbose``; this app's lines stay."""
+    """Keep Flower's per-message INFO lines (and its tracebacks for lost Ray actors) out of the way
+    unless ``verbose``; this app's lines stay."""
     flower = logging.getLogger("flwr")
     previous_flower, previous_ours = flower.level, logger.level
     logger.setLevel(logging.INFO)
     if not verbose:
         flower.setLevel(logging.WARNING)
+        flower.addFilter(lost_actor_tracebacks)
     try:
         yield
     finally:
+        flower.removeFilter(lost_actor_tracebacks)
         flower.setLevel(previous_flower)
         logger.setLevel(previous_ours)

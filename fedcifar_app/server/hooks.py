@@ -25,6 +25,7 @@ from ..logs import APP_LOGGER
 from ..runs.metrics import TRAIN_LOSS, number, scalars
 from ..training import weights_are_finite
 from .divergence import RoundEvidence
+from .hosts import HostLedger
 
 logger = logging.getLogger(APP_LOGGER)
 
@@ -181,13 +182,28 @@ class StrategyHooks:
     simulation: bool
     node_names: Mapping[int, str] = field(default_factory=dict)
     at_round_boundary: Callable[[], None] = lambda: None  # raises RunStopped once the run is stopped
+    hosts: HostLedger = field(default_factory=HostLedger)  # which hosts replied (a Ray cluster has several)
+    resume_hint: Callable[[], str] = lambda: ""  # "; resume ... with: <command>" once a round is checkpointed
     sent: list[Message] = field(default_factory=list)  # this stage's messages, to tell whose reply is missing
     sent_arrays: ArrayRecord | None = None  # the global model this round's training started from
     last_aggregation: Aggregation | None = None  # what explains a divergence (see Aggregation)
     reported: set[tuple[int, int]] = field(default_factory=set)  # (round, node): each failure named once
 
     def report_failures(self, round_number: int, stage: str, replies: list[Message]) -> int:
-        """One WARNING per failing or silent node and round; returns how many replies carry results."""
+        """One WARNING per failing or silent node and round; returns how many replies carry results.
+
+        A lost Ray actor ends the run instead (server/hosts.py: the engine would keep feeding it messages).
+        """
+        self.hosts.note(replies)
+        for reply in replies:
+            lost = self.hosts.lost_actor(reply.error.reason) if reply.has_error() else None
+            if lost is not None:
+                raise RunAborted(
+                    f"round {round_number} {stage}: the ClientApp actor on {lost} is gone "
+                    f"({short_reason(reply.error.reason)[:160]}): a host left the Ray cluster or the actor's process "
+                    "died, and Flower's simulation engine does not replace lost actors, so the run stops here"
+                    f"{self.resume_hint() or '; start it again'}"
+                )
         for node_id, reason in failed_nodes(self.sent, replies, self.round_timeout).items():
             if (round_number, node_id) not in self.reported:
                 self.reported.add((round_number, node_id))

@@ -70,8 +70,8 @@ class FlwrRun:
     ``federation`` (the positional federation name and its `--federation-config`, as a deployment
     gives them) goes before the options; ``federation_config`` alone overrides the default
     federation. ``output-dir`` is added to ``run_config`` unless the run config names it already.
-    ``command_prefix`` runs `flwr` through another command (`unshare -m sh -c ...`), which must exec
-    or wait for it; the run always starts with SIGINT at its default action (``WITH_DEFAULT_SIGINT``).
+    The run always starts with SIGINT at its default action (``WITH_DEFAULT_SIGINT``), however the
+    test suite itself was started.
     """
 
     def __init__(
@@ -84,8 +84,13 @@ class FlwrRun:
         federation_config: str | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
-        command_prefix: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+        output_dir_in_run: str | None = None,
     ) -> None:
+        """``prefix`` runs `flwr` through another command, which must exec or wait for it: on another
+        "host" (tests/support/ray_cluster.py), or in a private mount namespace (`unshare -m sh -c ...`).
+        That host may see ``output_dir`` as ``output_dir_in_run`` (its own /tmp), the path the run config
+        names."""
         self.output_dir = Path(output_dir)
         if log_path is None:  # beside output_dir, unless that is not a folder (a test of a bad output-dir)
             beside = self.output_dir.parent
@@ -93,14 +98,14 @@ class FlwrRun:
             log_path = folder / f"{self.output_dir.name}.log"
         self.log_path = log_path
         named = OUTPUT_DIR.search(run_config)  # a regex, not the parser: tests pass malformed configs too
+        seen = Path(output_dir_in_run) if output_dir_in_run else self.output_dir
         if named is None:
-            run_config = f"{run_config} output-dir='{self.output_dir}'".strip()
+            run_config = f"{run_config} output-dir='{seen}'".strip()
         else:
-            assert Path(named[1]).resolve() == self.output_dir.resolve(), (named[1], self.output_dir)
-        self.command = [str(BIN / "flwr"), "run", ".", *federation, *extra_args, "--run-config", run_config]
+            assert Path(named[1]).resolve() == seen.resolve(), (named[1], seen)
+        self.command = [*prefix, str(BIN / "flwr"), "run", ".", *federation, *extra_args, "--run-config", run_config]
         if federation_config:
             self.command += ["--federation-config", federation_config]
-        self.command_prefix = list(command_prefix)
         self.env = env
         self.before = set(self.output_dir.iterdir()) if self.output_dir.exists() else set()
         self.process: subprocess.Popen | None = None
@@ -109,7 +114,7 @@ class FlwrRun:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:  # a file, not a pipe: a stray child can never block on it
             self.process = subprocess.Popen(
-                [*WITH_DEFAULT_SIGINT, *self.command_prefix, *self.command],
+                [*WITH_DEFAULT_SIGINT, *self.command],
                 cwd=PROJECT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
