@@ -106,6 +106,25 @@ def test_failing_nodes_are_named_once_per_round_and_results_still_aggregate(capl
     assert arrays is not None
 
 
+def test_an_aggregation_does_not_depend_on_the_order_in_which_replies_arrive():
+    """Float sums follow the order of their terms: the same replies in another arrival order must give
+    bit-identical weights, or two runs with one seed (or a run and its resume) drift apart."""
+    generator = torch.Generator().manual_seed(0)
+    sent = sent_to(5, 6, 7)
+    updates = [{"w": torch.randn(1000, generator=generator) * 10 ** (3 * k)} for k in range(3)]
+
+    def aggregate(order: list[int]) -> torch.Tensor:
+        strategy = hooked_fedavg(MemoryRecorder())
+        strategy.app_hooks.sent = sent
+        replies = [trained_reply(sent[i], updates[i], 1.0) for i in order]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        return arrays.to_torch_state_dict()["w"]
+
+    first = aggregate([0, 1, 2])
+    assert all(torch.equal(first, aggregate(order)) for order in ([2, 1, 0], [1, 2, 0], [2, 0, 1]))
+
+
 def test_too_few_training_results_abort_the_round_with_the_fix():
     strategy = hooked_fedavg(MemoryRecorder(), min_train_nodes=3)
     sent = sent_to(5, 6, 7)

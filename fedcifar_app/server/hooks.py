@@ -211,6 +211,18 @@ class StrategyHooks:
                 logger.warning("round %d %s: node %s failed: %s", round_number, stage, name, reason)
         return sum(not reply.has_error() for reply in replies)
 
+    def in_node_order(self, replies: Iterable[Message]) -> list[Message]:
+        """``replies`` ordered by the node's data (its partition or data-path), then node id, not by
+        arrival: an aggregation's float sums follow the order of its replies, so in arrival order two runs
+        with one seed (or a run and its resume) differ in the last bits of every weight."""
+        destination = {message.metadata.message_id: message.metadata.dst_node_id for message in self.sent}
+
+        def node_order(reply: Message) -> tuple[str, int]:
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            return (self.node_names.get(node, ""), node)
+
+        return sorted(replies, key=node_order)
+
 
 def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
     """Stop before a NaN/inf model is evaluated, recorded or checkpointed."""
@@ -274,7 +286,7 @@ class AppHooks(_FlowerStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         hooks = self.app_hooks
-        replies = list(replies)
+        replies = hooks.in_node_order(replies)
         round_number = hooks.recorder.global_round(server_round)
         ok = hooks.report_failures(round_number, "train", replies)
         if ok < hooks.min_train_nodes:
@@ -293,7 +305,7 @@ class AppHooks(_FlowerStrategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         hooks = self.app_hooks
-        replies = list(replies)
+        replies = hooks.in_node_order(replies)
         round_number = hooks.recorder.global_round(server_round)
         hooks.report_failures(round_number, "evaluate", replies)
         metrics = super().aggregate_evaluate(round_number, replies)
