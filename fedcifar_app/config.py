@@ -3,14 +3,19 @@
 Every key in ``[tool.flwr.app.config]`` is read and checked here, once, so the apps,
 the centralized baseline and the benchmark agree on names, types and ranges, and a
 bad value stops the run with one line before any data is loaded or any training starts.
+
+``python -m fedcifar_app.config --run-config "..."`` checks an override string (or TOML file) before
+it is submitted: a key that is not in pyproject.toml never reaches this module under `flwr run`,
+Flower refuses it first, with a traceback (docs/troubleshooting.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,9 +92,8 @@ class RunConfig:
         known = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(run_config) - set(known))
         if unknown:
-            raise ConfigError(
-                f"unknown run-config key(s) {', '.join(unknown)}: allowed keys are {', '.join(sorted(known))}"
-            )
+            named = ", ".join(f"{key}{_did_you_mean(key, known)}" for key in unknown)
+            raise ConfigError(f"unknown run-config key(s) {named}: allowed keys are {', '.join(sorted(known))}")
         values = {}
         for key, value in run_config.items():
             values[known[key].name] = _coerce(key, value, known[key].type)
@@ -244,6 +248,12 @@ class NodeData:
         return f"partition {self.partition_id}/{self.num_partitions}"
 
 
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    """ " (did you mean learning-rate?)" for a near miss such as learning_rate or learning-rte; else ""."""
+    close = difflib.get_close_matches(key.replace("_", "-").lower(), list(known), n=1, cutoff=0.65)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def absolute_path(text: str) -> Path:
     """A run-config path as the run uses it: ``~`` expanded, a relative path resolved against this
     process's working directory (where `flwr run` was typed in simulation, where the SuperLink was
@@ -291,3 +301,32 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
             except ValueError:
                 raise ConfigError(f"run-config {key}={value!r} is not allowed: use one of {allowed}") from None
     raise TypeError(f"no coercion for field type {type_name}")  # programming error, not user input
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check a `flwr run --run-config` value (the text or a TOML file) against the app's pyproject.toml:
+    its keys and every value, without loading data or starting Flower. Exit 0 when a run would start."""
+    import argparse
+    import sys
+
+    from .errors import UsageError
+    from .pyproject import app_run_config, parse_overrides
+
+    prog = "python -m fedcifar_app.config"
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
+    parser.add_argument("--app", default=".", help="the app folder whose pyproject.toml to read (default: .)")
+    parser.add_argument("--run-config", default="", metavar="'K=V ...' | FILE.toml", help="what `flwr run` would get")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.run_config)
+        RunConfig.from_run_config({**app_run_config(Path(args.app)), **overrides})
+    except (UsageError, ConfigError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    changed = " ".join(f"{key}={value!r}" for key, value in overrides.items()) or "none"
+    print(f"run config OK (overrides: {changed})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -29,6 +29,20 @@ class RunAborted(RuntimeError):
     """The run cannot go on (too few nodes or replies, training diverged); the message says why and what to do."""
 
 
+class RunFolderUnwritable(RunAborted):
+    """A file of the run folder could not be written (a full disk, a quota, a read-only file system, the
+    folder deleted): the run ends; what it wrote before stays whole. The message is the problem, then the
+    remedy, which ends with ``resume_command`` (the command that continues from the last checkpoint)."""
+
+    def __init__(self, file_name: str, problem: str, remedy: str, resume_command: str | None = None) -> None:
+        super().__init__(f"{problem}. {remedy}")
+        self.file_name, self.problem, self.remedy, self.resume_command = file_name, problem, remedy, resume_command
+
+    def with_note(self, note: str) -> str:
+        """The message with ``note`` added to the problem, so the command to copy stays at the end."""
+        return f"{self.problem}{note}. {self.remedy}"
+
+
 class TrainingDiverged(RunAborted):
     """A loss or weight became NaN/inf: the round is not recorded and the last finite checkpoint stays."""
 

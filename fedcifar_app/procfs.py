@@ -77,6 +77,15 @@ def descendants(root: int) -> list[tuple[int, int]]:
     return found
 
 
+def command_line(pid: int, proc: Path = PROC) -> list[str] | None:
+    """``pid``'s argv, or None when it is gone (or off Linux)."""
+    try:
+        raw = (proc / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return None
+    return [word.decode(errors="replace") for word in raw.split(b"\0")[:-1]] or None
+
+
 def session_members(session_id: int) -> list[int]:
     """Pids alive (not zombies) in session ``session_id``."""
     return [pid for pid, stat in all_processes().items() if stat.session == session_id and stat.alive]

@@ -32,6 +32,8 @@ def read_pyproject(app: Path) -> dict[str, Any]:
             return tomli.load(handle)
     except tomli.TOMLDecodeError as err:
         raise UsageError(f"{pyproject}: not valid TOML ({err})") from None
+    except OSError as err:
+        raise UsageError(f"{pyproject} cannot be read ({err.strerror}); make it readable") from None
 
 
 def app_run_config(app: Path) -> dict[str, Any]:
@@ -62,7 +64,10 @@ def federation_override(app: Path, changes: Mapping[str, Any] | None = None, fed
 
 
 def parse_overrides(text: str, flag: str = "--run-config") -> dict[str, Any]:
-    """``"k1=1 k2='text'"`` -> dict, with Flower's syntax (TOML values); anything else is a UsageError."""
+    """``"k1=1 k2='text'"`` -> dict, with Flower's syntax (TOML values), or, as Flower also takes, the path
+    of one ``.toml`` file of such keys; anything else is a UsageError."""
+    if text.strip().endswith(".toml") and "=" not in text:
+        return _overrides_file(Path(text.strip()).expanduser(), flag)
     leftover = _PAIR.sub("", text).strip()
     if leftover:
         raise UsageError(
@@ -79,6 +84,17 @@ def parse_overrides(text: str, flag: str = "--run-config") -> dict[str, Any]:
             hint = f"; strings need quotes: {key}='{value}'" if not value.startswith(("'", '"')) else ""
             raise UsageError(f"{flag} {key}={value}: not a number, true/false or quoted string{hint}") from None
     return values
+
+
+def _overrides_file(path: Path, flag: str) -> dict[str, Any]:
+    """A TOML file of run-config keys (tables flattened with dots, as Flower does)."""
+    try:
+        with path.open("rb") as handle:
+            return flatten_dict(tomli.load(handle))
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot be read ({err.strerror})") from None
+    except tomli.TOMLDecodeError as err:
+        raise UsageError(f"{flag} {path}: not valid TOML ({err})") from None
 
 
 def format_overrides(values: Mapping[str, Any]) -> str:

@@ -34,7 +34,7 @@ from fedcifar_app.runs.folder import METRICS
 from fedcifar_app.runs.recorder import RunRecorder
 from fedcifar_app.runs.status import STATUS, RunStatus, read_status, write_status
 from fedcifar_app.server.run import load_resumed
-from fedcifar_app.server.stopping import resume_command
+from fedcifar_app.server.stopping import resume_command, typed_flwr_run
 
 PLANNED_ROUNDS = 6
 STOP_WITHIN_S = 15
@@ -109,13 +109,17 @@ def test_ctrl_c_stops_the_run_and_the_printed_command_resumes_it(tmp_path):
     printed = RESUME_LINE.findall((folder / "run.log").read_text())[0]
     assert printed in output, "the resume line is printed where the user typed the command"
     words = shlex.split(printed)
-    assert words[:4] == ["flwr", "run", ".", "--run-config"] and len(words) == 5, words
-    # That command (its run config, output-dir included) on the same small federation; a new folder beside.
+    # The command as typed (its --federation-config kept), with the run config that resumes.
+    assert words[:3] == ["flwr", "run", "."] and len(words) == 7, words
+    options = dict(zip(words[3::2], words[4::2], strict=True))
+    assert set(options) == {"--federation-config", "--run-config"}, words
+    assert options["--federation-config"] == SMALL_FEDERATION, options
+    # That command (its run config, output-dir included, and its federation); a new folder beside.
     resume = FlwrRun(
         tmp_path / "outputs",
-        words[4],
+        options["--run-config"],
         env=flwr_environment(tmp_path / "cache"),
-        federation_config=SMALL_FEDERATION,
+        federation_config=options["--federation-config"],
         log_path=tmp_path / "resume.log",
     )
     resume.start().wait(RUN_TIMEOUT_S)
@@ -135,6 +139,20 @@ def test_sigterm_to_flwr_alone_stops_the_run_like_ctrl_c(tmp_path):
     the whole group, as `timeout` sends it, goes the way of Ctrl-C: the engine shuts down.)"""
     folder, gone_after, output = signal_after_round(tmp_path, signal.SIGTERM, after_round=0, group=False)
     assert_stopped(folder, gone_after, output, log_line=False)
+
+
+def test_a_run_gets_sigint_at_its_default_even_when_the_suite_ignores_it(tmp_path):
+    """A suite started as a background job of a script inherits SIGINT ignored (POSIX shells do that) and
+    an ignored signal stays ignored across exec: FlwrRun must not pass that on, or the Ctrl-C tests above
+    see `flwr run` complete instead of stop."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        child = FlwrRun(tmp_path / "outputs", "", env=dict(os.environ), log_path=tmp_path / "child.log")
+        child.command = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"]
+        child.start().wait(60)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert child.output.strip() == str(signal.default_int_handler), child.output
 
 
 # --------------------------------------------------------------------------- read_status
@@ -222,6 +240,34 @@ def test_resume_command_round_trips_the_run_config(tmp_path):
         "output-dir": str(folder.parent),
         "resume-from": str(folder),
     }
+
+
+def test_resume_command_repeats_the_typed_federation_and_its_overrides(tmp_path):
+    """A simulation's resume line is the `flwr run` the user typed (read from the CLI process's argv),
+    its federation and --federation-config kept, its run config replaced: a run on a Ray cluster
+    resumes on the cluster, not on the default federation."""
+    federation_config = "options.num-supernodes=6 options.backend.init-args.address='auto'"
+    typed = [
+        *("/venv/bin/flwr", "run", ".", "ray-cluster", "--run-config", "num-server-rounds=9"),
+        *("--federation-config", federation_config, "-c", "seed=3", "--run-config=batch-size=8"),
+    ]
+    # A process whose argv reads like the flwr CLI's (python -c ignores the words after its code).
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", *typed])
+    try:
+        words = typed_flwr_run(stand_in.pid)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+    assert words == ["flwr", "run", ".", "ray-cluster", "--federation-config", federation_config]
+    assert typed_flwr_run(os.getpid()) is None  # pytest is not `flwr run`
+
+    config = RunConfig.from_run_config({"num-server-rounds": 9, "dataset": "synthetic"})
+    folder = tmp_path / "outputs" / "20260101-000000"
+    line = resume_command(config, folder, simulation=True, typed=words)
+    assert line.startswith(f'flwr run . ray-cluster --federation-config "{federation_config}" --run-config "')
+    resumed = shlex.split(line)
+    assert resumed[:6] == words and resumed[6] == "--run-config", resumed
+    assert parse_overrides(resumed[7])["resume-from"] == str(folder)
 
 
 def test_resume_refuses_a_run_that_still_runs(tmp_path):

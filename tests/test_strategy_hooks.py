@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+from support.messages import metadata, sent_to
 from support.recorder import MemoryRecorder
 
-from fedcifar_app.compat import ErrorCode, MessageType
+from fedcifar_app.compat import ErrorCode
 from fedcifar_app.errors import RunAborted, TrainingDiverged
 from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import new_model
@@ -35,21 +35,6 @@ CLIENT_APP_EXCEPTION = (
     "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
     "Message: data-path='/d' holds no images'>"
 )
-
-
-def metadata(**fields) -> Metadata:
-    """Message metadata as a grid leaves it once pushed (every field set)."""
-    defaults = {"run_id": 1, "message_id": "", "src_node_id": 0, "reply_to_message_id": "", "group_id": "1"}
-    defaults |= {"created_at": time.time(), "ttl": 600.0, "message_type": MessageType.TRAIN}
-    return Metadata(**(defaults | fields))
-
-
-def sent_to(*node_ids: int) -> list[Message]:
-    """Train messages as the grid has pushed them: each with its message id."""
-    return [
-        Message(content=RecordDict(), metadata=metadata(message_id=f"message-to-{node_id}", dst_node_id=node_id))
-        for node_id in node_ids
-    ]
 
 
 def ok_reply(message: Message, **metrics: float) -> Message:
@@ -119,6 +104,25 @@ def test_failing_nodes_are_named_once_per_round_and_results_still_aggregate(capl
     assert warnings == ["round 5 train: node partition 2/3 failed: x"]
     assert metrics["train-loss"] == pytest.approx(2.0) and recorder.metrics["train-loss"] == pytest.approx(2.0)
     assert arrays is not None
+
+
+def test_an_aggregation_does_not_depend_on_the_order_in_which_replies_arrive():
+    """Float sums follow the order of their terms: the same replies in another arrival order must give
+    bit-identical weights, or two runs with one seed (or a run and its resume) drift apart."""
+    generator = torch.Generator().manual_seed(0)
+    sent = sent_to(5, 6, 7)
+    updates = [{"w": torch.randn(1000, generator=generator) * 10 ** (3 * k)} for k in range(3)]
+
+    def aggregate(order: list[int]) -> torch.Tensor:
+        strategy = hooked_fedavg(MemoryRecorder())
+        strategy.app_hooks.sent = sent
+        replies = [trained_reply(sent[i], updates[i], 1.0) for i in order]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        return arrays.to_torch_state_dict()["w"]
+
+    first = aggregate([0, 1, 2])
+    assert all(torch.equal(first, aggregate(order)) for order in ([2, 1, 0], [1, 2, 0], [2, 0, 1]))
 
 
 def test_too_few_training_results_abort_the_round_with_the_fix():

@@ -6,7 +6,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,6 +16,7 @@ from ..compat import ErrorCode
 from ..config import DpMode
 from ..errors import ConfigError, DataError
 from ..runs.metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS, number
+from .host import HOST_KEY, on_other_hosts, this_host
 
 if TYPE_CHECKING:
     from .node_job import NodeJob
@@ -48,9 +49,16 @@ def replies_user_errors(handler: Callable[[Message, Context], Message]) -> Calla
             return handler(msg, context)
         except (ConfigError, DataError) as err:
             logger.warning("%s: %s", type(err).__name__, err)  # the server reports it as the run's ERROR
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{err}"), reply_to=msg)
+            where = f" (on host {this_host()[HOST_KEY]})" if on_other_hosts() else ""  # a path may differ per host
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{err}{where}"), reply_to=msg)
 
     return wrapper
+
+
+def served_by() -> ConfigRecord:
+    """Which host (and Ray actor) this reply comes from; the server counts replies per host."""
+    facts: dict[str, Any] = dict(this_host())
+    return ConfigRecord(facts)
 
 
 def client_dp_clipping(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
@@ -80,6 +88,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(weights),
             "metrics": MetricRecord({TRAIN_LOSS: train_loss, NUM_EXAMPLES: len(job.data.train)}),
+            "info": served_by(),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -91,7 +100,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's validation split."""
     result = job_for(msg, context).evaluate()
     metrics = MetricRecord({EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy, NUM_EXAMPLES: result.num_examples})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": metrics, "info": served_by()}), reply_to=msg)
 
 
 @app.query()
@@ -100,5 +109,5 @@ def query(msg: Message, context: Context) -> Message:
     """Before round 1 the server asks each node to load its data: bad data fails there, not mid-run."""
     facts = job_for(msg, context).describe()
     metrics = MetricRecord({key: facts[key] for key in ("num-train", "num-val", "torch-threads")})
-    info = ConfigRecord({key: facts[key] for key in ("data", "device")})
+    info = ConfigRecord({key: facts[key] for key in ("data", "device")} | this_host())
     return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)

@@ -12,6 +12,7 @@ and decoded again, never served.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -28,7 +29,7 @@ import torch
 
 from ..config import SYNTHETIC_DATASET
 from ..errors import DataError, first_line
-from ..files import publish_folder
+from ..files import new_staging_folder, publish_folder, write_problem
 from ..logs import APP_LOGGER
 from ..model import IMAGE_SHAPE
 from .decoding import allocate_in_memory
@@ -102,9 +103,10 @@ def _cached_arrays(source: DataSource, split: str, key: str, fingerprint: str) -
                 _discard(entry)
             _write_entry(entry, source, split, key)
     except OSError as err:  # every read of the user's files names its file; what is left is the cache folder
+        what, fix = write_problem(err)
         raise DataError(
-            f"the decode cache folder {cache_root()} cannot be written ({err.strerror or err}); "
-            "set FEDCIFAR_CACHE_DIR to a writable folder with free space"
+            f"the decode cache folder {cache_root()} cannot be written: {what}; {fix}, "
+            "or set FEDCIFAR_CACHE_DIR to a writable folder with free space"
         ) from None
     try:
         return _open_entry(entry)
@@ -175,6 +177,17 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _reserve_blocks(path: Path) -> None:
+    """Allocate the disk blocks of a (sparse) memory-mapped file now: on a full disk this is an OSError
+    here, where writing the mapped pages later would be a SIGBUS that kills the process."""
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: map as is
+                raise
+
+
 def _write_entry(entry: Path, source: DataSource, split: str, key: str) -> None:
     """Decode into a staging folder, then publish it: readers never see half an entry.
 
@@ -182,13 +195,15 @@ def _write_entry(entry: Path, source: DataSource, split: str, key: str) -> None:
     of the split in memory, no separate write pass); the other sources are saved after.
     """
     entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    staging = new_staging_folder(entry.parent, f".{entry.name}.")  # the entry gets the umask's mode, not 0700
     images_path = staging / "images.npy"
 
     def allocate_in_file(rows: int) -> np.ndarray:
         if rows == 0:
             return allocate_in_memory(0)
-        return np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(rows, *IMAGE_SHAPE))
+        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(rows, *IMAGE_SHAPE))
+        _reserve_blocks(images_path)
+        return images
 
     try:
         images, labels = read_split(source, split, key, allocate_in_file)

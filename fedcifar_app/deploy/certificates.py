@@ -4,6 +4,10 @@ The CA's key is kept (DIR/certs/ca.key, owner-only) so that a SuperLink that
 needs another name gets a new server certificate from the SAME CA: every
 `ca.crt` already copied to other machines keeps working. A new CA is made only
 when there is none yet.
+
+Private keys (ca.key, server.key, each SuperNode's key) are written 0600 on purpose
+(``write_private``); certificates and .pub files get the mode the umask gives any
+new file, like the rest of the deploy folder (state.json, logs, control project).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import DeployError
+from ..files import write_problem
 from .commands import (
     DEFAULT_CLIENTAPPIO_BASE_PORT,
     DEFAULT_SUPERLINK_PORTS,
@@ -317,6 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.handler(args)
     except DeployError as err:
         print(f"fedcifar-deploy: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # its folder (state, logs, certificates, keys) on a full or read-only disk
+        what, fix = write_problem(err)
+        print(f"fedcifar-deploy: {err.filename or 'a file'}: {what}; {fix}, or use another folder", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fedcifar-deploy: interrupted; stopped what was started", file=sys.stderr)

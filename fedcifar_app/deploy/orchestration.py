@@ -6,6 +6,7 @@ below the CLI sees argparse.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -291,7 +292,8 @@ def bring_up(options: UpOptions) -> DeploymentState:
         start_supernodes(launcher, options, configs, tls, private_keys)
     except BaseException:
         stop_processes(list(reversed(launcher.started)), options.stop_grace_s)
-        state_path(deploy_dir).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only folder must not hide why `up` failed
+            state_path(deploy_dir).unlink(missing_ok=True)
         raise
     return state
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config import RunConfig
 from ..errors import ConfigError
-from ..files import atomic_write_text
+from ..files import atomic_write_text, write_problem
 from .folder import CONFIG, METRICS, read_rows
 from .metrics import RoundRow
 from .status import read_status
@@ -78,6 +78,10 @@ def load_run(folder: Path) -> RunSummary:
             raise ValueError("not a JSON object")
     except ValueError as err:
         raise ConfigError(f"{folder / CONFIG} cannot be read ({err}): the folder is damaged; leave it out") from None
+    except OSError as err:
+        raise ConfigError(
+            f"{folder / CONFIG} cannot be read ({err.strerror}): make it readable or leave it out"
+        ) from None
     try:
         rows = read_rows(folder)
     except ConfigError as err:
@@ -86,7 +90,7 @@ def load_run(folder: Path) -> RunSummary:
         raise ConfigError(f"{folder} has no recorded rounds yet: compare it once round 0 is in {METRICS}")
     try:
         status = read_status(folder).state
-    except ValueError:  # a damaged status.json does not stop a comparison of the metrics
+    except (ValueError, OSError):  # a damaged or unreadable status.json does not stop a comparison of the metrics
         status = "unknown"
     defaults = RunConfig().to_run_config()
     return RunSummary(folder, {**defaults, **config}, rows, status)
@@ -171,7 +175,6 @@ def compare(folders: Sequence[Path], out: Path) -> str:
     )
     if any(len(members) > 1 for members in groups.values()):
         markdown += f"\nMean ± standard deviation over {GROUP_ACROSS}s:\n\n{grouped_table(groups)}\n"
-    out.mkdir(parents=True, exist_ok=True)
     curves = []
     for run in runs:
         name = group_of(run)
@@ -179,8 +182,16 @@ def compare(folders: Sequence[Path], out: Path) -> str:
         curves.append(
             (f"{name} ({members} runs)" if members > 1 else label(run, keys), list(groups).index(name), run.rows)
         )
-    write_comparison(out / COMPARISON_PNG, curves)
-    atomic_write_text(out / COMPARISON_MD, markdown)
+    writing = out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        writing = out / COMPARISON_PNG
+        write_comparison(writing, curves)
+        writing = out / COMPARISON_MD
+        atomic_write_text(writing, markdown)
+    except OSError as err:  # a full or read-only disk: one line, and no half-written file is left
+        what, fix = write_problem(err)
+        raise ConfigError(f"cannot write {writing}: {what}; {fix}, or pass another --out") from None
     return markdown
 
 

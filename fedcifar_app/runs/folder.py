@@ -8,12 +8,14 @@ format (format 1 had no version field).
 
 from __future__ import annotations
 
+import errno
 import json
 import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, RunFolderUnwritable
+from ..files import write_problem
 from .metrics import RoundRow
 
 RUN_FOLDER_FORMAT = 2  # 2: format field, strict JSON metrics; 1: the first release
@@ -43,7 +45,39 @@ def create_run_folder(output_dir: Path) -> Path:
             return folder
         except FileExistsError:
             continue
+        except OSError as err:  # the probe passed a moment ago: the disk filled or went read-only since
+            what, fix = write_problem(err)
+            raise ConfigError(
+                f"run-config output-dir={str(output_dir)!r}: cannot create the run folder {folder.name} there: "
+                f"{what}; {fix}, or pass another output-dir"
+            ) from None
     raise RuntimeError(f"could not create a run folder under {output_dir}")
+
+
+def unwritable(path: Path, err: OSError, continue_command: str | None, checkpoint_round: int) -> RunFolderUnwritable:
+    """The one line that ends a run whose folder can no longer be written: the file, the folder, why,
+    the fix, and the command that continues from the last checkpoint (``continue_command``, from round
+    ``checkpoint_round``; None when nothing was checkpointed). Every file written before is whole: each
+    was replaced atomically."""
+    folder = path.parent
+    if err.errno == errno.ENOENT and not folder.exists():
+        return RunFolderUnwritable(
+            path.name,
+            f"cannot write {path.name}: the run folder {folder} is gone (deleted or moved during the run), "
+            "and its checkpoint with it",
+            "Start the run again, or, if you moved the folder, resume from its new place (run-config resume-from)",
+        )
+    what, fix = write_problem(err)
+    problem = f"cannot write {path.name} in the run folder {folder}: {what}; the files written before are whole"
+    fix = fix[0].upper() + fix[1:]
+    if continue_command is None:
+        remedy = f"{fix} or pass another output-dir, then start the run again (no round was checkpointed)"
+    else:
+        remedy = (
+            f"{fix} or change output-dir below to another folder, then continue from the checkpoint of round "
+            f"{checkpoint_round} with: {continue_command}"
+        )
+    return RunFolderUnwritable(path.name, problem, remedy, continue_command)
 
 
 def read_rows(folder: Path) -> list[RoundRow]:
@@ -53,6 +87,8 @@ def read_rows(folder: Path) -> list[RoundRow]:
         return [RoundRow.from_json(raw) for raw in json.loads(path.read_text())]
     except FileNotFoundError:
         return []
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read ({err.strerror}); make it readable") from None
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(
             f"{path} cannot be read ({type(err).__name__}: {err}); it is not a metrics file this app wrote"

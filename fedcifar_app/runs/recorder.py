@@ -1,12 +1,20 @@
-"""The run's record, round by round: metrics.json rows, best model, checkpoint, curves and status."""
+"""The run's record, round by round: metrics.json rows, best model, checkpoint, curves and status.
+
+What a resume needs (config.json, metrics.json, the models, checkpoint.pt, status.json) must be written:
+a write that fails (a full disk, a quota, a read-only file system, the folder deleted) ends the run with
+one line naming the file, the folder, the fix and the command that continues from the last checkpoint
+(``RunFolderUnwritable``). The pictures (curves.png, samples.png), TensorBoard scalars and run.log are
+conveniences: their failures are warnings and the run goes on.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +27,10 @@ from ..files import atomic_write_json
 from ..logs import APP_LOGGER
 from ..training import weights_are_finite
 from .checkpoint import Checkpoint, atomic_torch_save
-from .folder import BEST_MODEL, CHECKPOINT, CONFIG, FINAL_MODEL, METRICS
+from .folder import BEST_MODEL, CHECKPOINT, CONFIG, FINAL_MODEL, METRICS, unwritable
 from .metrics import EPSILON, EVAL_ACCURACY, EVAL_LOSS, TRAIN_LOSS, RoundRow, rows_to_json
 from .plots import CURVES, write_curves
-from .status import stale_after, write_status
+from .status import STATUS, stale_after, write_status
 
 logger = logging.getLogger(APP_LOGGER)
 
@@ -50,23 +58,47 @@ class RunRecorder:
     checkpointed_round: int = -1  # what a resume continues from; -1 before round 0's checkpoint
     # The stop watcher thread and Flower's signal handler (which may interrupt a write) write status too.
     status_lock: Any = field(default_factory=threading.RLock)
+    # The command that continues the run from a round's checkpoint (None: nothing to continue from); named
+    # when the folder can no longer be written (server.stopping.continue_command for this run).
+    continue_command: Callable[[int], str | None] = lambda last_round: None
 
     @classmethod
-    def start(cls, folder: Path, config: RunConfig, resumed: Checkpoint | None) -> RunRecorder:
+    def start(
+        cls,
+        folder: Path,
+        config: RunConfig,
+        resumed: Checkpoint | None,
+        continue_command: Callable[[int], str | None] | None = None,
+    ) -> RunRecorder:
         run_config = config.to_run_config()
         recorder = cls(
             folder=folder,
             run_config=run_config,
             stale_after_s=stale_after(config.node_wait_timeout, config.round_timeout),
         )
-        atomic_write_json(folder / CONFIG, run_config)
+        if continue_command is not None:
+            recorder.continue_command = continue_command
+        with recorder.writing(CONFIG) as path:
+            atomic_write_json(path, run_config)
         if resumed is not None:
             recorder.rows = [row for row in resumed.rows if row.round <= resumed.round]
             recorder.round_offset = resumed.round
             recorder.best_accuracy = resumed.best_accuracy
-            atomic_write_json(folder / METRICS, rows_to_json(recorder.rows))
+            with recorder.writing(METRICS) as path:
+                atomic_write_json(path, rows_to_json(recorder.rows))
         recorder.set_status("running")
         return recorder
+
+    @contextlib.contextmanager
+    def writing(self, name: str) -> Iterator[Path]:
+        """Write the run folder's file ``name`` in the block; an OSError becomes the run's last line
+        (``RunFolderUnwritable``: the file, the folder, the fix, the command that continues)."""
+        path = self.folder / name
+        try:
+            yield path
+        except OSError as err:
+            last = self.last_round  # -1: nothing checkpointed here; a resumed run continues from its source's round
+            raise unwritable(path, err, self.continue_command(last), last if last >= 0 else self.round_offset) from None
 
     def global_round(self, local_round: int) -> int:
         return local_round + self.round_offset
@@ -84,7 +116,8 @@ class RunRecorder:
                 return
             if self.stale_after_s is not None:
                 extra.setdefault("stale-after-s", self.stale_after_s)
-            write_status(self.folder, status, reason, **extra)
+            with self.writing(STATUS):
+                write_status(self.folder, status, reason, **extra)
             self.status = status
 
     def refresh_status(self) -> None:
@@ -126,14 +159,17 @@ class RunRecorder:
             epsilon=self.pending.get(EPSILON),
         )
         self.rows.append(row)
-        atomic_write_json(self.folder / METRICS, rows_to_json(self.rows))
+        with self.writing(METRICS) as path:
+            atomic_write_json(path, rows_to_json(self.rows))
         if central_accuracy > self.best_accuracy:
+            with self.writing(BEST_MODEL) as path:
+                atomic_torch_save(path, weights)
             self.best_accuracy = central_accuracy
-            atomic_torch_save(self.folder / BEST_MODEL, weights)
         checkpoint = Checkpoint(
             round_number, weights, self.rows, self.best_accuracy, self.run_config, self.server_state()
         )
-        atomic_torch_save(self.folder / CHECKPOINT, checkpoint.to_dict())
+        with self.writing(CHECKPOINT) as path:
+            atomic_torch_save(path, checkpoint.to_dict())
         self.checkpointed_round = round_number
         self.write_curves()
         self.begin_round()
@@ -147,7 +183,8 @@ class RunRecorder:
             logger.warning("could not write curves.png (%s: %s); the run goes on", type(err).__name__, err)
 
     def finish_run(self, weights: dict[str, torch.Tensor]) -> None:
-        atomic_torch_save(self.folder / FINAL_MODEL, weights)
+        with self.writing(FINAL_MODEL) as path:
+            atomic_torch_save(path, weights)
         self.set_status(
             "completed",
             rounds=self.rows[-1].round if self.rows else 0,

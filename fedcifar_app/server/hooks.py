@@ -25,6 +25,7 @@ from ..logs import APP_LOGGER
 from ..runs.metrics import TRAIN_LOSS, number, scalars
 from ..training import weights_are_finite
 from .divergence import RoundEvidence
+from .hosts import HostLedger
 
 logger = logging.getLogger(APP_LOGGER)
 
@@ -181,19 +182,46 @@ class StrategyHooks:
     simulation: bool
     node_names: Mapping[int, str] = field(default_factory=dict)
     at_round_boundary: Callable[[], None] = lambda: None  # raises RunStopped once the run is stopped
+    hosts: HostLedger = field(default_factory=HostLedger)  # which hosts replied (a Ray cluster has several)
+    resume_hint: Callable[[], str] = lambda: ""  # "; resume ... with: <command>" once a round is checkpointed
     sent: list[Message] = field(default_factory=list)  # this stage's messages, to tell whose reply is missing
     sent_arrays: ArrayRecord | None = None  # the global model this round's training started from
     last_aggregation: Aggregation | None = None  # what explains a divergence (see Aggregation)
     reported: set[tuple[int, int]] = field(default_factory=set)  # (round, node): each failure named once
 
     def report_failures(self, round_number: int, stage: str, replies: list[Message]) -> int:
-        """One WARNING per failing or silent node and round; returns how many replies carry results."""
+        """One WARNING per failing or silent node and round; returns how many replies carry results.
+
+        A lost Ray actor ends the run instead (server/hosts.py: the engine would keep feeding it messages).
+        """
+        self.hosts.note(replies)
+        for reply in replies:
+            lost = self.hosts.lost_actor(reply.error.reason) if reply.has_error() else None
+            if lost is not None:
+                raise RunAborted(
+                    f"round {round_number} {stage}: the ClientApp actor on {lost} is gone "
+                    f"({short_reason(reply.error.reason)[:160]}): a host left the Ray cluster or the actor's process "
+                    "died, and Flower's simulation engine does not replace lost actors, so the run stops here"
+                    f"{self.resume_hint() or '; start it again'}"
+                )
         for node_id, reason in failed_nodes(self.sent, replies, self.round_timeout).items():
             if (round_number, node_id) not in self.reported:
                 self.reported.add((round_number, node_id))
                 name = self.node_names.get(node_id, node_id)
                 logger.warning("round %d %s: node %s failed: %s", round_number, stage, name, reason)
         return sum(not reply.has_error() for reply in replies)
+
+    def in_node_order(self, replies: Iterable[Message]) -> list[Message]:
+        """``replies`` ordered by the node's data (its partition or data-path), then node id, not by
+        arrival: an aggregation's float sums follow the order of its replies, so in arrival order two runs
+        with one seed (or a run and its resume) differ in the last bits of every weight."""
+        destination = {message.metadata.message_id: message.metadata.dst_node_id for message in self.sent}
+
+        def node_order(reply: Message) -> tuple[str, int]:
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            return (self.node_names.get(node, ""), node)
+
+        return sorted(replies, key=node_order)
 
 
 def check_finite(round_number: int, arrays: ArrayRecord | None, metrics: MetricRecord | None) -> None:
@@ -258,7 +286,7 @@ class AppHooks(_FlowerStrategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         hooks = self.app_hooks
-        replies = list(replies)
+        replies = hooks.in_node_order(replies)
         round_number = hooks.recorder.global_round(server_round)
         ok = hooks.report_failures(round_number, "train", replies)
         if ok < hooks.min_train_nodes:
@@ -277,7 +305,7 @@ class AppHooks(_FlowerStrategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         hooks = self.app_hooks
-        replies = list(replies)
+        replies = hooks.in_node_order(replies)
         round_number = hooks.recorder.global_round(server_round)
         hooks.report_failures(round_number, "evaluate", replies)
         metrics = super().aggregate_evaluate(round_number, replies)

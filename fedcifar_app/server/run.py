@@ -6,6 +6,7 @@ Grid and the records it talks through; ``server.app.main`` imports it when the r
 from __future__ import annotations
 
 import logging
+import os
 import platform
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,8 @@ from ..seeds import derive_seed
 from .data_check import check_node_data
 from .divergence import advice, blame
 from .hooks import StrategyHooks, wait_for_nodes
-from .stopping import RunStop, resume_command
+from .hosts import HostLedger
+from .stopping import RunStop, continue_command, typed_flwr_run
 from .strategy_builder import build_strategy, nodes_sampled, server_state
 
 logger = logging.getLogger(APP_LOGGER)
@@ -42,7 +44,8 @@ logger = logging.getLogger(APP_LOGGER)
 def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) -> None:
     config = RunConfig.from_run_config(context.run_config)
     simulation = is_simulation(grid)
-    stop.on_stop = lambda who: record_stop(None, config, folder, who, simulation=simulation)
+    typed = typed_flwr_run(os.getppid()) if simulation else None  # now: after a Ctrl-C the CLI may be gone
+    stop.on_stop = lambda who: record_stop(None, config, folder, who, simulation=simulation, typed=typed)
     grid = stop.listen(grid)  # from here a stop is recorded (loading the data can take minutes)
     device = training.pick_device(config.device)
     logger.info("fedcifar_app run folder: %s", folder)
@@ -67,8 +70,15 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         test_data = load_split(config.dataset, "test")
         resumed = load_resumed(config)
         stop.check()  # a stop while loading was recorded; "running" must not replace it
-        recorder = RunRecorder.start(folder, config, resumed)
-        stop.on_stop = lambda who: record_stop(recorder, config, folder, who, simulation=simulation)
+        recorder = RunRecorder.start(
+            folder,
+            config,
+            resumed,
+            continue_command=lambda last_round: continue_command(
+                config, folder, last_round, simulation=simulation, typed=typed
+            ),
+        )
+        stop.on_stop = lambda who: record_stop(recorder, config, folder, who, simulation=simulation, typed=typed)
         if stop.requested:  # it came while the recorder started and wrote "running": put "stopped" back
             recorder.set_status("stopped", f"{stop.who} before this run checkpointed a round")
             stop.check()
@@ -81,7 +91,8 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         node_ids = wait_for_nodes(grid, needed, config.node_wait_timeout, simulation=simulation)
         logger.info("Federation: %d SuperNodes connected (%d needed)", len(node_ids), needed)
         beside_startup.submit(write_samples, folder, config, num_partitions=len(node_ids))
-        node_names = check_node_data(grid, node_ids, config, simulation=simulation)
+        hosts = HostLedger()
+        node_names = check_node_data(grid, node_ids, config, simulation=simulation, hosts=hosts)
     except BaseException:
         beside_startup.shutdown(cancel_futures=True)  # what has not started yet is not needed any more
         raise
@@ -96,6 +107,8 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         simulation=simulation,
         node_names=node_names,
         at_round_boundary=stop.at_round_boundary,
+        hosts=hosts,
+        resume_hint=lambda: resume_hint(recorder, config, folder, simulation=simulation, typed=typed),
     )
     strategy = build_strategy(config, hooks, len(node_ids), resumed.server_state if resumed else None)
     recorder.server_state = lambda: server_state(strategy, config)
@@ -135,6 +148,8 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
     board.close()  # each row is flushed as written, so a run that raises above loses no scalars
     recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
     logger.info("Results per round:\n%s", summary_table(recorder.rows))
+    if served := hosts.summary():
+        logger.info("Served by %s", served)
     logger.info("Run folder (status: completed): %s", folder)
 
 
@@ -157,6 +172,10 @@ def load_resumed(config: RunConfig) -> Checkpoint | None:
         previous = read_status(source)
     except ValueError as err:
         raise ConfigError(f"run-config resume-from={str(source)!r}: {err}") from None
+    except OSError as err:  # an unreadable status.json (its permissions)
+        raise ConfigError(
+            f"run-config resume-from={str(source)!r}: {err.filename} cannot be read ({err.strerror}); make it readable"
+        ) from None
     if previous.state == "running":
         raise ConfigError(
             f"run-config resume-from={str(source)!r} is still running (pid {previous.pid} on {previous.host}, "
@@ -174,15 +193,31 @@ def load_resumed(config: RunConfig) -> Checkpoint | None:
     return resumed
 
 
-def record_stop(recorder: RunRecorder | None, config: RunConfig, folder: Path, who: str, *, simulation: bool) -> None:
+def resume_hint(
+    recorder: RunRecorder, config: RunConfig, folder: Path, *, simulation: bool, typed: list[str] | None
+) -> str:
+    """ "; resume with: <command>" for a run that ends early, or "" when nothing can be resumed."""
+    command = continue_command(config, folder, recorder.last_round, simulation=simulation, typed=typed)
+    return f"; resume with: {command}" if command else ""
+
+
+def record_stop(
+    recorder: RunRecorder | None,
+    config: RunConfig,
+    folder: Path,
+    who: str,
+    *,
+    simulation: bool,
+    typed: list[str] | None = None,
+) -> None:
     """Status "stopped" with who and after which round, and ONE line with the command that resumes."""
     last = recorder.last_round if recorder is not None else -1
     if last >= 0:
-        reason, source = f"{who} after round {last} of {config.num_server_rounds}", folder
+        reason = f"{who} after round {last} of {config.num_server_rounds}"
     else:  # nothing checkpointed here: continue from where this run started, if it was a resume
-        reason, source = f"{who} before this run checkpointed a round", Path(config.resume_from or folder)
+        reason = f"{who} before this run checkpointed a round"
     # The command goes into status.json too: the process may be killed before the log line is out.
-    command = resume_command(config, source, simulation=simulation) if last >= 0 or config.resume_from else None
+    command = continue_command(config, folder, last, simulation=simulation, typed=typed)
     if recorder is not None:
         recorder.set_status("stopped", reason, rounds=last if last >= 0 else None, **{"resume-command": command})
     else:

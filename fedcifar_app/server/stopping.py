@@ -7,7 +7,10 @@ Where a stop comes from, per Flower runtime (1.25; see compat for the hooks):
   CLI SIGKILL ``flower-simulation`` 0.25 s later (Python's ``subprocess.run``), so the stop is
   recorded the moment it is seen, the round in progress is abandoned, and the engine's processes
   (Ray) are ended here, since nothing else will end them. A signal to the ``flwr`` process alone
-  leaves ``flower-simulation`` running without a parent: that is watched for too.
+  leaves ``flower-simulation`` running without a parent: that is watched for too. Only processes
+  below ``flower-simulation`` are ended, so a Ray cluster the run attached to (``ray start``, the
+  ray-cluster federation) is never touched: its daemons are not ours, and Ray itself ends the run's
+  actors once ``flower-simulation`` is gone (tests/test_cluster.py checks both).
 - deployment (``flwr-serverapp``) and Flower >= 1.27: Flower's own signal handler (SIGINT, SIGTERM,
   or a heartbeat the SuperLink refused after ``flwr stop``) calls our exit handler, then exits.
 - ``flwr stop`` in deployment: the next grid call raises ``RunNotRunningException``.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
 import signal
 import threading
 import time
@@ -34,7 +39,7 @@ from .. import compat
 from ..config import RunConfig
 from ..errors import RunStopped
 from ..logs import APP_LOGGER
-from ..procfs import descendants, process_start
+from ..procfs import command_line, descendants, process_start
 from ..pyproject import format_overrides
 
 logger = logging.getLogger(APP_LOGGER)
@@ -118,16 +123,64 @@ class RunStop:
             time.sleep(poll_s)
 
 
-def resume_command(config: RunConfig, folder: Path, *, simulation: bool) -> str:
+def resume_command(config: RunConfig, folder: Path, *, simulation: bool, typed: list[str] | None = None) -> str:
     """The `flwr run` line that continues this run: every key that differs from the defaults, the
-    round count and output folder, and resume-from."""
+    round count and output folder, and resume-from. ``typed`` (``typed_flwr_run``) is the command
+    that started this simulation, less its run config: its federation and --federation-config are
+    kept, so a run on a Ray cluster resumes there, not on the default federation."""
     current = config.to_run_config()
     defaults = RunConfig().to_run_config()
     keep = {key: value for key, value in current.items() if key in ALWAYS_IN_RESUME or value != defaults.get(key)}
     keep["output-dir"] = str(Path(folder).parent)
     keep["resume-from"] = str(folder)
-    federation = "" if simulation else " <federation>"
-    return f'flwr run .{federation} --run-config "{format_overrides(keep)}"'
+    if typed:
+        start = " ".join(shell_word(word) for word in typed)
+    else:
+        start = "flwr run ." if simulation else "flwr run . <federation>"
+    return f'{start} --run-config "{format_overrides(keep)}"'
+
+
+RUN_CONFIG_FLAGS = ("--run-config", "-c")
+
+
+def typed_flwr_run(pid: int) -> list[str] | None:
+    """``["flwr", "run", <app>, [<federation>], <other options>]`` from the argv of process ``pid`` when
+    it is the `flwr run` CLI (the parent of ``flower-simulation``), without its run config; else None."""
+    argv = command_line(pid)
+    if not argv:
+        return None
+    starts = [i for i, word in enumerate(argv[:-1]) if os.path.basename(word) == "flwr" and argv[i + 1] == "run"]
+    if not starts:
+        return None
+    words, rest = ["flwr", "run"], iter(argv[starts[0] + 2 :])
+    for word in rest:
+        if word in RUN_CONFIG_FLAGS:
+            next(rest, None)
+        elif not word.startswith(tuple(f"{flag}=" for flag in RUN_CONFIG_FLAGS)):
+            words.append(word)
+    return words
+
+
+def shell_word(word: str) -> str:
+    """``word`` as a shell reads it back: bare when safe, else in double quotes (as the run config is)."""
+    if re.fullmatch(r"[\w@%+=:,./-]+", word):
+        return word
+    if not re.search(r'["\\$`!]', word):
+        return f'"{word}"'
+    return shlex.quote(word)
+
+
+def continue_command(
+    config: RunConfig, folder: Path, last_round: int, *, simulation: bool, typed: list[str] | None = None
+) -> str | None:
+    """The command that continues this run: from ``folder`` once it checkpointed a round (``last_round``
+    >= 0), else from the folder this run resumed from; None when neither holds a checkpoint. ``typed``
+    as in ``resume_command``."""
+    if last_round >= 0:
+        return resume_command(config, folder, simulation=simulation, typed=typed)
+    if config.resume_from:
+        return resume_command(config, Path(config.resume_from), simulation=simulation, typed=typed)
+    return None
 
 
 class StoppableGrid(Grid):

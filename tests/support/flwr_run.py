@@ -35,6 +35,14 @@ RUN_TIMEOUT_S = 300.0
 OUTPUT_DIR = re.compile(r"(?:^|\s)output-dir\s*=\s*['\"]([^'\"]*)['\"]")
 # What a condition of `wait_for` may raise while the run folder or a file in it is not there yet.
 NOT_YET = (AssertionError, FileNotFoundError, ValueError, RuntimeError, EOFError)
+# Runs `argv[1:]` with SIGINT at its default action. A suite started as a background job of a script
+# inherits SIGINT ignored (POSIX shells do that), an ignored signal stays ignored across exec, and then
+# `flwr run` never sees a test's Ctrl-C; Popen has no option for it (restore_signals covers SIGPIPE only).
+WITH_DEFAULT_SIGINT = (
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])",
+)
 
 
 def small_federation(num_supernodes: int = 3) -> str:
@@ -62,7 +70,9 @@ class FlwrRun:
     ``federation`` (the positional federation name and its `--federation-config`, as a deployment
     gives them) goes before the options; ``federation_config`` alone overrides the default
     federation. ``output-dir`` is added to ``run_config`` unless the run config names it already.
-    ``app_dir`` is the app folder `flwr run .` builds the FAB from (a changed copy in some tests).
+    The run always starts with SIGINT at its default action (``WITH_DEFAULT_SIGINT``), however the
+    test suite itself was started. ``app_dir`` is the app folder `flwr run .` builds the FAB from (a
+    changed copy in some tests).
     """
 
     def __init__(
@@ -75,8 +85,14 @@ class FlwrRun:
         federation_config: str | None = None,
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
+        prefix: Sequence[str] = (),
+        output_dir_in_run: str | None = None,
         app_dir: Path = PROJECT,
     ) -> None:
+        """``prefix`` runs `flwr` through another command, which must exec or wait for it: on another
+        "host" (tests/support/ray_cluster.py), or in a private mount namespace (`unshare -m sh -c ...`).
+        That host may see ``output_dir`` as ``output_dir_in_run`` (its own /tmp), the path the run config
+        names."""
         self.output_dir = Path(output_dir)
         self.app_dir = app_dir
         if log_path is None:  # beside output_dir, unless that is not a folder (a test of a bad output-dir)
@@ -85,11 +101,12 @@ class FlwrRun:
             log_path = folder / f"{self.output_dir.name}.log"
         self.log_path = log_path
         named = OUTPUT_DIR.search(run_config)  # a regex, not the parser: tests pass malformed configs too
+        seen = Path(output_dir_in_run) if output_dir_in_run else self.output_dir
         if named is None:
-            run_config = f"{run_config} output-dir='{self.output_dir}'".strip()
+            run_config = f"{run_config} output-dir='{seen}'".strip()
         else:
-            assert Path(named[1]).resolve() == self.output_dir.resolve(), (named[1], self.output_dir)
-        self.command = [str(BIN / "flwr"), "run", ".", *federation, *extra_args, "--run-config", run_config]
+            assert Path(named[1]).resolve() == seen.resolve(), (named[1], seen)
+        self.command = [*prefix, str(BIN / "flwr"), "run", ".", *federation, *extra_args, "--run-config", run_config]
         if federation_config:
             self.command += ["--federation-config", federation_config]
         self.env = env
@@ -100,7 +117,7 @@ class FlwrRun:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:  # a file, not a pipe: a stray child can never block on it
             self.process = subprocess.Popen(
-                self.command,
+                [*WITH_DEFAULT_SIGINT, *self.command],
                 cwd=self.app_dir,
                 env=self.env,
                 stdin=subprocess.DEVNULL,

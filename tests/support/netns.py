@@ -14,7 +14,7 @@ import signal
 import subprocess
 import time
 
-SUBNET = "10.201.7"  # private; only ever inside the namespaces below
+SUBNET = "10.201.7"  # the default private /24; only ever inside the namespaces below
 
 
 def netns_unavailable() -> str:
@@ -40,8 +40,9 @@ def _ip(*args: str) -> None:
 class Network:
     """Hosts (namespaces) on one switch; `exec_prefix(host)` runs a command on a host."""
 
-    def __init__(self) -> None:
-        self.tag = f"fc{os.getpid() % 100000}"
+    def __init__(self, subnet: str = SUBNET, tag: str = "fc") -> None:
+        self.subnet = subnet  # first three octets of a private /24 no other test uses
+        self.tag = f"{tag}{os.getpid() % 100000}"
         self.switch = f"{self.tag}-sw"
         self.hosts: dict[str, str] = {}  # name -> address
         self._namespaces: list[str] = []
@@ -63,9 +64,9 @@ class Network:
         _ip("link", "add", "eth0", "netns", namespace, "type", "veth", "peer", "name", port, "netns", self.switch)
         _ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
         for number in (host_number, *extra_numbers):
-            _ip("-n", namespace, "addr", "add", f"{SUBNET}.{number}/24", "dev", "eth0")
+            _ip("-n", namespace, "addr", "add", f"{self.subnet}.{number}/24", "dev", "eth0")
         _ip("-n", namespace, "link", "set", "eth0", "up")
-        self.hosts[host] = f"{SUBNET}.{host_number}"
+        self.hosts[host] = f"{self.subnet}.{host_number}"
         return self.hosts[host]
 
     def switch_port(self, host: str) -> str:
