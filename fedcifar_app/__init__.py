@@ -14,9 +14,16 @@ Where each concern lives (docs/architecture.md has the full map):
   --run-config text), compat (the Flower internals we touch), procfs, logs, seeds, centralized
 """
 
-from importlib.metadata import PackageNotFoundError, version
 
-try:
-    __version__ = version("fedcifar-app")  # pyproject.toml's [project] version, the one source
-except PackageNotFoundError:  # running from a FAB or a source tree that pip did not install
-    __version__ = "unknown"
+def __getattr__(name: str) -> str:
+    """``__version__``: pyproject.toml's [project] version, the one source, read from the installed
+    metadata when asked. Not at import: importlib.metadata costs ~25 ms to import, which the warm
+    start's shim (client/warm/shim.py) and every ClientApp would otherwise pay for each message."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedcifar-app")
+    except PackageNotFoundError:  # running from a FAB or a source tree that pip did not install
+        return "unknown"

@@ -21,6 +21,10 @@ class DeployError(RuntimeError):
     """A deployment step that failed (fedcifar-deploy): what went wrong and which log to read."""
 
 
+class WarmStartError(RuntimeError):
+    """The warm ClientApp start cannot be set up (its folder, its console scripts); --cold runs without it."""
+
+
 class RunAborted(RuntimeError):
     """The run cannot go on (too few nodes or replies, training diverged); the message says why and what to do."""
 

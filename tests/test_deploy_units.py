@@ -26,11 +26,14 @@ from fedcifar_app.deploy.certificates import (
 )
 from fedcifar_app.deploy.commands import (
     SuperLinkPorts,
+    clientappio_flags,
     data_path_node_config,
+    installed_flwr_version,
     node_configs,
     superlink_command,
     supernode_command,
     supernode_thread_environment,
+    warm_parent_command,
 )
 from fedcifar_app.deploy.flwr_cli import CONTROL_FEDERATION, write_control_project
 from fedcifar_app.deploy.orchestration import (
@@ -51,7 +54,16 @@ from fedcifar_app.deploy.processes import (
     stop_processes,
     wait_until_ready,
 )
-from fedcifar_app.deploy.state import DeploymentState, ManagedProcess, load_state, save_state, state_path
+from fedcifar_app.deploy.state import (
+    COLD,
+    WARM,
+    WARM_PARENT_NAME,
+    DeploymentState,
+    ManagedProcess,
+    load_state,
+    save_state,
+    state_path,
+)
 from fedcifar_app.errors import DeployError
 from fedcifar_app.procfs import parse_proc_stat, process_start
 from fedcifar_app.pyproject import read_pyproject
@@ -95,6 +107,23 @@ def test_supernode_command_variants() -> None:
     assert secure[secure.index("--max-retries") + 1] == "0"
     no_ca = supernode_command("h:1", "127.0.0.1:2", "", None, insecure=False)
     assert "--insecure" not in no_ca and "--root-certificates" not in no_ca
+
+
+def test_supernode_command_follows_the_installed_flower() -> None:
+    """flwr 1.35 replaced --clientappio-api-address by the Runtime API's --host/--port (and refuses the old flag)."""
+    assert clientappio_flags("127.0.0.1:9094", (1, 25, 0)) == ["--clientappio-api-address", "127.0.0.1:9094"]
+    assert clientappio_flags("127.0.0.1:9094", (1, 34, 9)) == ["--clientappio-api-address", "127.0.0.1:9094"]
+    assert clientappio_flags("127.0.0.1:9094", (1, 35, 0)) == ["--host", "127.0.0.1", "--port", "9094"]
+    assert clientappio_flags("[::1]:9094", (1, 42, 0)) == ["--host", "::1", "--port", "9094"]
+    newest = supernode_command("h:1", "127.0.0.1:2", "", None, flwr_version=(1, 42, 0))
+    assert newest[3:7] == ["--host", "127.0.0.1", "--port", "2"] and "--clientappio-api-address" not in newest
+    assert installed_flwr_version()[:2] == (1, 25)  # the pinned Flower: the default command is 1.25's
+
+
+def test_warm_parent_command_names_every_supernode(tmp_path: Path) -> None:
+    command = warm_parent_command(tmp_path / "warm", [11, 12])
+    assert Path(command[0]).name == "fedcifar-warm"
+    assert command[1:] == ["--dir", str(tmp_path / "warm"), "--exit-with", "11", "--exit-with", "12"]
 
 
 def test_node_configs_default_explicit_and_data_paths(tmp_path: Path) -> None:
@@ -209,6 +238,7 @@ def test_state_from_an_older_version_and_a_damaged_one(tmp_path: Path) -> None:
     old = '{"directory": "d", "started_at": "s", "working_directory": "w", "tls": false, "auth": false,'
     old += ' "fleet_address": "127.0.0.1:9092", "control_address": "c", "serverappio_address": "x", "processes": []}'
     assert DeploymentState.from_json(old).listen_host == "127.0.0.1"
+    assert DeploymentState.from_json(old).clientapp_start == COLD  # started before the warm start existed
     state_path(tmp_path).write_text('{"directory": ')
     with pytest.raises(DeployError, match=r"cannot read .*state.json .*stop its processes by hand"):
         load_state(tmp_path)
@@ -258,6 +288,25 @@ def test_cli_builds_options_from_every_flag() -> None:
         supernode_max_wait_s=9,
         clientapp_threads=1,
     )
+    assert cli.up_options(cli.build_parser().parse_args(["up"])).warm
+    assert not cli.up_options(cli.build_parser().parse_args(["up", "--cold"])).warm
+    supernode = cli.build_parser().parse_args("supernode --superlink h:1 --node-config x=1 --cold".split())
+    assert supernode.cold
+
+
+def test_status_says_how_clientapps_start(tmp_path: Path) -> None:
+    """`status` names the mode; a warm deployment whose parent died says its ClientApps now start cold."""
+    leader = start_process("warm", ["sleep", "30"], tmp_path / "sleep.log", tmp_path, dict(os.environ))
+    try:
+        node = ManagedProcess("supernode-0", leader.pid, process_start(leader.pid), "log", ["x"])
+        assert "ClientApps: cold start" in describe(_state(tmp_path, processes=[node]))
+        parent = ManagedProcess(WARM_PARENT_NAME, leader.pid, process_start(leader.pid), "log", ["x"])
+        warm = _state(tmp_path, processes=[node, parent], clientapp_start=WARM, warm_folder=str(tmp_path / "w"))
+        assert f"ClientApps: warm start (forked from {WARM_PARENT_NAME} pid {leader.pid}" in describe(warm)
+    finally:
+        leader.kill()
+        leader.wait()
+    assert "ClientApps: cold, each with a warning: the warm parent" in describe(warm)
 
 
 def test_cli_failures_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

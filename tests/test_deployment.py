@@ -59,6 +59,14 @@ def assert_completed_run(federation: LocalDeployment, rounds: int) -> None:
     assert all("central-accuracy" in entry for entry in run.metrics), run.metrics
 
 
+def assert_every_clientapp_started_warm(federation: LocalDeployment) -> None:
+    """No SuperNode fell back to a cold start, and the warm parent refused nothing."""
+    for index in range(federation.nodes):
+        log = federation.node_log(f"supernode-{index}").read_text()
+        assert "warm ClientApp start unavailable" not in log, log[-3000:]
+    assert "refused a ClientApp start" not in federation.warm_parent_log.read_text()
+
+
 def wait_for_exit(process: subprocess.Popen, timeout_s: float) -> int:
     """Exit code of `process`, failing the test if it is still running at the bound."""
     try:
@@ -75,7 +83,8 @@ def test_insecure_deployment_completes_a_run(deployment: LocalDeployment, tmp_pa
 
     status = deployment.deploy_cli("status")
     assert status.returncode == 0, status.stdout + status.stderr
-    assert status.stdout.count("running") == 3, status.stdout
+    assert status.stdout.count("running") == 4, status.stdout  # SuperLink, 2 SuperNodes, their warm parent
+    assert "ClientApps: warm start" in status.stdout, status.stdout
 
     # Each SuperNode's ClientApps get their share of the cores (torch reads OMP_NUM_THREADS).
     share = str(max(1, len(os.sched_getaffinity(0)) // 2))
@@ -86,6 +95,7 @@ def test_insecure_deployment_completes_a_run(deployment: LocalDeployment, tmp_pa
     assert len(deployment.supernodes()) == 2
     deployment.run(run_config(tmp_path / "outputs", FULL_RUN_ROUNDS), tmp_path / "outputs")
     assert_completed_run(deployment, FULL_RUN_ROUNDS)
+    assert_every_clientapp_started_warm(deployment)
 
 
 def test_tls_and_authentication(deployment: LocalDeployment, tmp_path: Path) -> None:
@@ -133,6 +143,7 @@ def test_tls_and_authentication(deployment: LocalDeployment, tmp_path: Path) -> 
 
     deployment.run(run_config(tmp_path / "outputs", SHORT_RUN_ROUNDS), tmp_path / "outputs")
     assert_completed_run(deployment, SHORT_RUN_ROUNDS)
+    assert_every_clientapp_started_warm(deployment)  # TLS and auth change nothing for the ClientApp's start
     # Only the two registered nodes ever existed on the SuperLink.
     assert {node["node-id"] for node in deployment.supernodes()} == registered
     for name in ("intruder", "no-ca"):
@@ -142,14 +153,16 @@ def test_tls_and_authentication(deployment: LocalDeployment, tmp_path: Path) -> 
 
 
 def test_data_path_nodes_complete_a_run(deployment: LocalDeployment, tmp_path: Path) -> None:
-    """Two SuperNodes, each with its own parquet folder (node config data-path).
+    """Two SuperNodes, each with its own parquet folder (node config data-path); the one deployment
+    test with Flower's own cold ClientApp start (--cold).
 
     Their node config holds only data-path, no partition-id, so a completed run
     means both ClientApps read their own folders.
     """
     folders = [make_parquet_dataset(tmp_path / f"node-data-{i}", n_train=60, n_test=20, seed=i) for i in range(2)]
-    printed = deployment.up("--data-path", str(folders[0]), "--data-path", str(folders[1]))
-    assert f"data-path='{folders[0]}'" in printed
+    printed = deployment.up("--cold", "--data-path", str(folders[0]), "--data-path", str(folders[1]))
+    assert f"data-path='{folders[0]}'" in printed and "ClientApps: cold start" in printed
+    assert not (deployment.dir / "warm").exists() and not deployment.warm_parent_log.exists()
 
     deployment.run(run_config(tmp_path / "outputs", SHORT_RUN_ROUNDS), tmp_path / "outputs")
     assert_completed_run(deployment, SHORT_RUN_ROUNDS)

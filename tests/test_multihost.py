@@ -1,7 +1,7 @@
 """docs/deployment.md's "On several machines" section, run across Linux network namespaces.
 
 One namespace per machine: the SuperLink host, three SuperNode hosts (each with its own
-data folder), an unregistered SuperNode host and the user's machine running `flwr`,
+data folder and its own warm ClientApp parent), an unregistered SuperNode host and the user's machine running `flwr`,
 joined by a bridge with addresses in 10.201.7.0/24 that exist only inside namespaces this
 test creates (tests/support/netns.py). Nothing else is ever contacted. The commands are the
 page's own (checked verbatim), with the page's example names replaced by the test's.
@@ -305,3 +305,13 @@ def test_the_readme_across_hosts(hosts: Hosts, tmp_path: Path) -> None:
     process, log = hosts.start_run(run_config(third_out, 1, 3), "third")
     _, output = completed_run(hosts, process, log)
     assert json.loads((next(third_out.iterdir()) / "status.json").read_text())["status"] == "completed", output[-3000:]
+
+    # Each SuperNode host served every ClientApp from its own warm parent, inside its own namespace
+    # (`fedcifar-deploy supernode` starts one beside the SuperNode): no cold start, no refusal.
+    for node in NODES:
+        logs = hosts.folders[node] / ".deploy" / "logs"
+        for generation in ("", ".prev"):  # before and after the SuperLink's restart
+            supernode_log = (logs / f"supernode{generation}.log").read_text()
+            warm_log = (logs / f"warm-start{generation}.log").read_text()
+            assert "warm ClientApp start unavailable" not in supernode_log, supernode_log[-3000:]
+            assert "ready on" in warm_log and "refused a ClientApp start" not in warm_log, warm_log

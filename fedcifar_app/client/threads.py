@@ -9,7 +9,10 @@ other. Each ClientApp should use its share: cores / ClientApps running at once.
 Where the share comes from, first match wins:
 1. node config `torch-threads=N` (`flower-supernode --node-config "... torch-threads=1"`);
 2. OMP_NUM_THREADS in the environment (Ray sets it in simulation, `fedcifar-deploy up`
-   sets it for its SuperNodes): torch already follows it, nothing to do;
+   sets it for its SuperNodes): torch already follows it, nothing to do. A cold process
+   reads it when torch loads; a ClientApp forked from the warm parent, which loaded torch
+   with its own environment, gets the count a cold process would have set before Flower
+   runs (client/warm/child.py: thread_settings), so the rule holds there too;
 3. otherwise the cores this process may use / the `flower-supernode` processes running
    on this machine (each runs one ClientApp at a time for a run).
 

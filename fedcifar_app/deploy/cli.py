@@ -56,6 +56,7 @@ def up_options(args: argparse.Namespace) -> UpOptions:
         supernode_max_retries=args.supernode_max_retries,
         supernode_max_wait_s=args.supernode_max_wait_time,
         clientapp_threads=args.clientapp_threads,
+        warm=not args.cold,
     )
 
 
@@ -129,6 +130,7 @@ def command_supernode(args: argparse.Namespace) -> int:
         clientappio_port=args.clientappio_port,
         ready_timeout_s=args.ready_timeout,
         stop_grace_s=args.stop_grace,
+        warm=not args.cold,
     )
     state = start_supernode(options)
     print(describe(state))
@@ -144,6 +146,15 @@ def command_check(args: argparse.Namespace) -> int:
         + (f"; its certificate is valid for it under {args.ca}" if args.ca else "")
     )
     return 0
+
+
+def _add_cold(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--cold",
+        action="store_true",
+        help="start every ClientApp process from scratch (Flower's own way) instead of forking it from a "
+        "warm parent that has torch imported (docs/deployment.md: Warm ClientApp start)",
+    )
 
 
 def _add_common(sub: argparse.ArgumentParser) -> None:
@@ -234,6 +245,7 @@ def _add_up(commands: argparse._SubParsersAction) -> None:
         default=DEFAULT_SUPERNODE_MAX_WAIT_S,
         help="seconds a SuperNode keeps reconnecting before it gives up (default: %(default)s)",
     )
+    _add_cold(up)
     up.set_defaults(handler=command_up)
 
 
@@ -272,6 +284,7 @@ def _add_roles(commands: argparse._SubParsersAction) -> None:
     supernode.add_argument("--key", metavar="KEY", help="this SuperNode's private key (SuperNode authentication)")
     supernode.add_argument("--clientappio-port", type=int, default=DEFAULT_CLIENTAPPIO_BASE_PORT)
     supernode.add_argument("--ready-timeout", type=float, default=DEFAULT_READY_TIMEOUT_S, help="seconds to connect")
+    _add_cold(supernode)
     supernode.set_defaults(handler=command_supernode)
 
     check = commands.add_parser("check", help="can this machine reach a SuperLink API and trust its certificate?")

@@ -6,6 +6,8 @@ printed, tested and typed by hand.
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,26 @@ DEFAULT_SUPERNODE_MAX_RETRIES = 5
 DEFAULT_SUPERNODE_MAX_WAIT_S = 60.0
 # Printed by flower-supernode once the SuperLink has accepted (activated) the node.
 SUPERNODE_CONNECTED_MARKER = "SuperNode ID:"
+# flwr 1.35 replaced the SuperNode's gRPC ClientAppIo API (--clientappio-api-address HOST:PORT) by an
+# HTTP Runtime API (--host HOST --port PORT) and refuses the old flag (read in the 1.30-1.42 wheels).
+RUNTIME_API_FLWR = (1, 35)
+
+
+def installed_flwr_version() -> tuple[int, ...]:
+    """The flwr release installed beside this interpreter, from its metadata (Flower is not imported)."""
+    try:
+        text = importlib.metadata.version("flwr")
+    except importlib.metadata.PackageNotFoundError as err:
+        raise DeployError("flwr is not installed in this environment; pip install the app first") from err
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3])
+
+
+def clientappio_flags(address: str, flwr_version: tuple[int, ...]) -> list[str]:
+    """Where the SuperNode serves its ClientApps: `--clientappio-api-address` before 1.35, `--host/--port` since."""
+    if flwr_version < RUNTIME_API_FLWR:
+        return ["--clientappio-api-address", address]
+    host, _, port = address.rpartition(":")
+    return ["--host", host.strip("[]"), "--port", port]
 
 
 @dataclass(frozen=True)
@@ -94,18 +116,19 @@ def supernode_command(
     max_retries: int | None = DEFAULT_SUPERNODE_MAX_RETRIES,
     max_wait_s: float | None = DEFAULT_SUPERNODE_MAX_WAIT_S,
     insecure: bool | None = None,
+    flwr_version: tuple[int, ...] | None = None,
 ) -> list[str]:
     """`flower-supernode` arguments.
 
     `insecure` defaults to "no CA given"; pass False with no CA to get a node
     that tries TLS against the system trust store (used to show it is refused).
+    `flwr_version` defaults to the installed Flower's; it decides how the ClientApp API is given.
     """
     command = [
         flower_executable("flower-supernode"),
         "--superlink",
         fleet_address,
-        "--clientappio-api-address",
-        clientappio_address,
+        *clientappio_flags(clientappio_address, flwr_version or installed_flwr_version()),
     ]
     if insecure is None:
         insecure = root_certificates is None
@@ -121,6 +144,14 @@ def supernode_command(
         command += ["--max-wait-time", str(max_wait_s)]
     if node_config:
         command += ["--node-config", node_config]
+    return command
+
+
+def warm_parent_command(folder: Path, supernode_pids: Sequence[int]) -> list[str]:
+    """`fedcifar-warm` serving the SuperNodes `supernode_pids` from `folder` until they have all ended."""
+    command = [flower_executable("fedcifar-warm"), "--dir", str(folder)]
+    for pid in supernode_pids:
+        command += ["--exit-with", str(pid)]
     return command
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..client.threads import available_cores
-from ..errors import DeployError
+from ..client.warm.folder import WarmFolder
+from ..errors import DeployError, WarmStartError
 from ..procfs import process_start
 from .certificates import ALL_INTERFACES, TlsFiles, certificate_names, ensure_node_key, ensure_tls_files
 from .commands import (
@@ -28,6 +29,7 @@ from .commands import (
     superlink_command,
     supernode_command,
     supernode_thread_environment,
+    warm_parent_command,
 )
 from .flwr_cli import register_node_keys, write_control_project
 from .processes import (
@@ -42,7 +44,15 @@ from .processes import (
     stop_processes,
     wait_until_ready,
 )
-from .state import DeploymentState, ManagedProcess, load_state, save_state, state_path
+from .state import (
+    WARM,
+    WARM_PARENT_NAME,
+    DeploymentState,
+    ManagedProcess,
+    load_state,
+    save_state,
+    state_path,
+)
 
 DEFAULT_DEPLOY_DIR = ".deploy"
 DEFAULT_READY_TIMEOUT_S = 60.0
@@ -72,6 +82,8 @@ class UpOptions:
     supernode_max_wait_s: float = DEFAULT_SUPERNODE_MAX_WAIT_S
     # Threads per ClientApp; None: this machine's cores / --nodes.
     clientapp_threads: int | None = None
+    # ClientApp processes fork from a warm parent (fedcifar-warm) instead of importing torch each; --cold: off.
+    warm: bool = True
 
     def __post_init__(self) -> None:
         if self.auth and not self.tls:
@@ -163,6 +175,27 @@ def start_superlink(launcher: Launcher, options: UpOptions, tls: TlsFiles | None
     wait_until_ready([check], options.ready_timeout_s)
 
 
+def prepare_warm_start(state: DeploymentState) -> WarmFolder:
+    """DIR/warm (the warm parent's socket and the shim), recorded in the state before anything uses it."""
+    try:
+        folder = WarmFolder.prepare(Path(state.directory) / "warm")
+    except (WarmStartError, OSError) as err:
+        raise DeployError(f"the warm ClientApp start cannot be set up ({err}); use --cold to run without it") from err
+    state.clientapp_start, state.warm_folder = WARM, str(folder.path)
+    save_state(state)
+    return folder
+
+
+def start_warm_parent(
+    launcher: Launcher, folder: WarmFolder, supernode_pids: Sequence[int], env: Mapping[str, str]
+) -> ReadinessCheck:
+    """Start `fedcifar-warm` for these SuperNodes (it ends when they all have); ready once it accepts."""
+    command = warm_parent_command(folder.path, supernode_pids)
+    process = launcher.launch(WARM_PARENT_NAME, command, env, address=f"socket {folder.socket_path}")
+    log_path = launcher.logs / f"{WARM_PARENT_NAME}.log"
+    return ReadinessCheck(WARM_PARENT_NAME, process, log_path, folder.answers, "importing torch and Flower")
+
+
 def start_supernodes(
     launcher: Launcher,
     options: UpOptions,
@@ -170,12 +203,14 @@ def start_supernodes(
     tls: TlsFiles | None,
     private_keys: Sequence[Path | None],
 ) -> None:
-    """Start all SuperNodes, then wait until each one is accepted by the SuperLink."""
+    """Start all SuperNodes (and their warm parent), then wait until each one is accepted by the SuperLink."""
     threads = (
         supernode_thread_environment(options.clientapp_threads, 1)
         if options.clientapp_threads
         else supernode_thread_environment(available_cores(), options.nodes)
     )
+    homes = Path(launcher.state.directory) / "flwr-home"
+    warm = prepare_warm_start(launcher.state) if options.warm and options.nodes else None
     checks = []
     for index, (config, port, private_key) in enumerate(
         zip(configs, options.clientappio_ports, private_keys, strict=True)
@@ -190,7 +225,9 @@ def start_supernodes(
             options.supernode_max_retries,
             options.supernode_max_wait_s,
         )
-        env = child_environment(Path(launcher.state.directory) / "flwr-home" / name, threads)
+        env = child_environment(homes / name, threads)
+        if warm is not None:
+            env = warm.environment(env)
         process = launcher.launch(name, command, env, address=f"ClientAppIo 127.0.0.1:{port}", node_config=config)
         log_path = launcher.logs / f"{name}.log"
 
@@ -198,6 +235,10 @@ def start_supernodes(
             return log_contains(log_path, SUPERNODE_CONNECTED_MARKER) and port_accepts("127.0.0.1", port)
 
         checks.append(ReadinessCheck(name, process, log_path, connected, "connecting to the SuperLink"))
+    if warm is not None:
+        # The SuperNodes' own environment, so that what libraries read at load is the same in both.
+        env = warm.environment(child_environment(homes / WARM_PARENT_NAME, threads))
+        checks.append(start_warm_parent(launcher, warm, [check.process.pid for check in checks], env))
     wait_until_ready(checks, options.ready_timeout_s)
 
 
@@ -263,10 +304,13 @@ def bring_down(deploy_dir: Path, grace_s: float) -> str:
     state = load_state(deploy_dir)
     if state is None:
         return f"nothing to stop: no {state_path(deploy_dir).name} in {deploy_dir}"
-    supernodes = [record for record in state.processes if record.name != "superlink"]
     superlinks = [record for record in state.processes if record.name == "superlink"]
-    # Nodes first, so they leave the SuperLink cleanly instead of retrying it.
+    warm_parents = [record for record in state.processes if record.name == WARM_PARENT_NAME]
+    supernodes = [record for record in state.processes if record not in superlinks + warm_parents]
+    # Nodes first, so they leave the SuperLink cleanly instead of retrying it; their warm parent next
+    # (with it, any ClientApp it forked: they share its process group).
     killed = stop_processes(supernodes, grace_s)
+    killed += stop_processes(warm_parents, grace_s)
     killed += stop_processes(superlinks, grace_s)
     leftovers = [record.name for record in state.processes if live_session_members(record)]
     if leftovers:
@@ -310,6 +354,19 @@ def other_machines_hint(state: DeploymentState) -> str:
     )
 
 
+def clientapp_start_text(state: DeploymentState) -> str:
+    """How the SuperNodes start their ClientApp processes, in words (the `status` line)."""
+    if state.clientapp_start != WARM:
+        return "cold start (one fresh flwr-clientapp process per message; `up` without --cold starts them warm)"
+    parent = next((record for record in state.processes if record.name == WARM_PARENT_NAME), None)
+    if parent is not None and live_session_members(parent):
+        return f"warm start (forked from {WARM_PARENT_NAME} pid {parent.pid}, socket {state.warm_folder}/parent.sock)"
+    return (
+        f"cold, each with a warning: the warm parent ({WARM_PARENT_NAME}) is not running; "
+        "run `fedcifar-deploy down` and `up` again to start it"
+    )
+
+
 def describe(state: DeploymentState) -> str:
     """Human summary of a deployment: processes, addresses, logs, security, cwd."""
     lines = []
@@ -323,6 +380,8 @@ def describe(state: DeploymentState) -> str:
     if state.auth:
         security += " + SuperNode authentication"
     lines.append(f"security: {security}" + (f", CA {state.ca_certificate}" if state.tls else ""))
+    if any(record.name != "superlink" for record in state.processes):
+        lines.append(f"ClientApps: {clientapp_start_text(state)}")
     hint = other_machines_hint(state)
     if hint:
         lines.append(hint)

@@ -45,7 +45,7 @@ def flower_executable(name: str) -> str:
         return str(beside_python)
     found = shutil.which(name)
     if found is None:
-        raise DeployError(f"`{name}` not found; install flwr in this environment")
+        raise DeployError(f"`{name}` not found; install the app (pip install -e ., it brings flwr) in this environment")
     return found
 
 

@@ -17,7 +17,13 @@ from ..errors import DeployError
 from .certificates import ensure_node_key
 from .commands import SUPERNODE_CONNECTED_MARKER, supernode_command
 from .flwr_cli import register_node_keys, write_control_project
-from .orchestration import Launcher, deployment_is_running, registered_keys_dir
+from .orchestration import (
+    Launcher,
+    deployment_is_running,
+    prepare_warm_start,
+    registered_keys_dir,
+    start_warm_parent,
+)
 from .preflight import check_superlink
 from .processes import (
     ReadinessCheck,
@@ -45,6 +51,7 @@ class SuperNodeOptions:
     stop_grace_s: float = 10.0
     max_retries: int | None = None  # None: Flower's default, reconnect forever
     max_wait_s: float | None = None
+    warm: bool = True  # ClientApp processes fork from a warm parent (fedcifar-warm); False: --cold
 
     def __post_init__(self) -> None:
         if not self.node_config.strip():
@@ -86,7 +93,12 @@ def start_supernode(options: SuperNodeOptions) -> DeploymentState:
     )
     print("running:", " ".join(command))
     try:
-        env = child_environment(deploy_dir / "flwr-home" / "supernode")
+        homes = deploy_dir / "flwr-home"
+        warm = prepare_warm_start(state) if options.warm else None
+        env = child_environment(homes / "supernode")
+        if warm is not None:
+            env = warm.environment(env)
+            print("with the warm ClientApp start: by hand that is `fedcifar-warm` before the command above")
         process = launcher.launch("supernode", command, env, f"ClientAppIo {clientappio}", options.node_config)
         log_path = launcher.logs / "supernode.log"
 
@@ -96,8 +108,13 @@ def start_supernode(options: SuperNodeOptions) -> DeploymentState:
             )
 
         what = f"being accepted by the SuperLink at {options.superlink}"
+        checks = [ReadinessCheck("supernode", process, log_path, connected, what)]
+        if warm is not None:
+            checks.append(
+                start_warm_parent(launcher, warm, [process.pid], warm.environment(child_environment(homes / "warm")))
+            )
         try:
-            wait_until_ready([ReadinessCheck("supernode", process, log_path, connected, what)], options.ready_timeout_s)
+            wait_until_ready(checks, options.ready_timeout_s)
         except DeployError as err:
             if key is not None and "No SuperNode found with the given public key" in str(err):
                 raise DeployError(

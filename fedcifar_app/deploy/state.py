@@ -14,6 +14,8 @@ from ..errors import DeployError
 from ..files import atomic_write_bytes
 
 STATE_FILE_NAME = "state.json"
+WARM_PARENT_NAME = "warm-start"  # the ManagedProcess of the warm ClientApp parent (fedcifar-warm)
+WARM, COLD = "warm", "cold"  # how the SuperNodes start their ClientApp processes
 
 
 @dataclass
@@ -49,6 +51,9 @@ class DeploymentState:
     public_fleet_address: str = ""
     public_control_address: str = ""
     listen_host: str = "127.0.0.1"
+    # WARM: each SuperNode's ClientApps fork from the warm parent in `warm_folder`; COLD: Flower's own start.
+    clientapp_start: str = COLD
+    warm_folder: str = ""
     processes: list[ManagedProcess] = field(default_factory=list)
 
     def to_json(self) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from fedcifar_app.client.warm.folder import WarmFolder
 from fedcifar_app.deploy.commands import SUPERNODE_CONNECTED_MARKER
 from fedcifar_app.deploy.flwr_cli import CONTROL_FEDERATION
 from fedcifar_app.deploy.processes import (
@@ -33,7 +34,7 @@ from fedcifar_app.deploy.processes import (
     start_process,
     stop_processes,
 )
-from fedcifar_app.deploy.state import ManagedProcess, load_state, state_path
+from fedcifar_app.deploy.state import WARM, WARM_PARENT_NAME, ManagedProcess, load_state, state_path
 from fedcifar_app.procfs import process_start, read_proc_stat
 from support.flwr_run import PROJECT, FlwrRun
 
@@ -212,7 +213,7 @@ class LocalDeployment:
         """Start SuperNode `name` again with the flags `up` gave it; wait until it is connected."""
         record = self.record(name)
         log = self.dir / "logs" / f"{name}-restarted.log"
-        env = child_environment(self.dir / "flwr-home" / name)
+        env = self.node_environment(name)
         process = start_process(name, record.command, log, self.root, env)
         self.restarted[name] = process
         deadline = time.monotonic() + 60
@@ -220,6 +221,18 @@ class LocalDeployment:
             assert process.poll() is None, f"{name} exited again:\n{log.read_text()[-2000:]}"
             assert time.monotonic() < deadline, f"{name} did not reconnect:\n{log.read_text()[-2000:]}"
             time.sleep(0.1)
+
+    def node_environment(self, name: str) -> dict[str, str]:
+        """The environment `up` gave SuperNode `name`: its FLWR_HOME, and the warm start unless --cold."""
+        env = child_environment(self.dir / "flwr-home" / name)
+        state = load_state(self.dir)
+        if state is not None and state.clientapp_start == WARM:
+            env = WarmFolder(Path(state.warm_folder)).environment(env)
+        return env
+
+    @property
+    def warm_parent_log(self) -> Path:
+        return self.dir / "logs" / f"{WARM_PARENT_NAME}.log"
 
     def heal(self) -> None:
         """Bring back whatever an earlier test left dead, so tests do not depend on each other."""
@@ -242,17 +255,23 @@ class LocalDeployment:
         return int(found[-1])
 
     # ---- the flwr CLI
-    def start_run(self, config: str, output_dir: Path) -> FlwrRun:
-        """`flwr run . <this federation> --stream` in the background (tests/support/flwr_run.py)."""
+    def start_run(self, config: str, output_dir: Path, app_dir: Path = PROJECT) -> FlwrRun:
+        """`flwr run . <this federation> --stream` in `app_dir`, in the background (tests/support/flwr_run.py)."""
         log = self.root / f"flwr-run-{len(self.runs)}.log"
         run = FlwrRun(
-            output_dir, config, env=self.env, federation=self.federation_args(), extra_args=("--stream",), log_path=log
+            output_dir,
+            config,
+            env=self.env,
+            federation=self.federation_args(),
+            extra_args=("--stream",),
+            log_path=log,
+            app_dir=app_dir,
         )
         self.runs.append(run)
         return run.start()
 
-    def run(self, config: str, output_dir: Path) -> FlwrRun:
-        return self.start_run(config, output_dir).wait()
+    def run(self, config: str, output_dir: Path, app_dir: Path = PROJECT) -> FlwrRun:
+        return self.start_run(config, output_dir, app_dir).wait()
 
     def flwr(self, command: str, *args: str, options: Sequence[str] = (), timeout_s: float = CLI_TIMEOUT_S):
         """`flwr COMMAND ARGS . <this federation> OPTIONS`, bounded; the caller judges the exit code."""

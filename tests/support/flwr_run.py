@@ -71,7 +71,8 @@ class FlwrRun:
     gives them) goes before the options; ``federation_config`` alone overrides the default
     federation. ``output-dir`` is added to ``run_config`` unless the run config names it already.
     The run always starts with SIGINT at its default action (``WITH_DEFAULT_SIGINT``), however the
-    test suite itself was started.
+    test suite itself was started. ``app_dir`` is the app folder `flwr run .` builds the FAB from (a
+    changed copy in some tests).
     """
 
     def __init__(
@@ -86,12 +87,14 @@ class FlwrRun:
         log_path: Path | None = None,
         prefix: Sequence[str] = (),
         output_dir_in_run: str | None = None,
+        app_dir: Path = PROJECT,
     ) -> None:
         """``prefix`` runs `flwr` through another command, which must exec or wait for it: on another
         "host" (tests/support/ray_cluster.py), or in a private mount namespace (`unshare -m sh -c ...`).
         That host may see ``output_dir`` as ``output_dir_in_run`` (its own /tmp), the path the run config
         names."""
         self.output_dir = Path(output_dir)
+        self.app_dir = app_dir
         if log_path is None:  # beside output_dir, unless that is not a folder (a test of a bad output-dir)
             beside = self.output_dir.parent
             folder = beside if beside.is_dir() or not beside.exists() else Path(tempfile.mkdtemp(prefix="flwr-run-"))
@@ -115,7 +118,7 @@ class FlwrRun:
         with self.log_path.open("wb") as log:  # a file, not a pipe: a stray child can never block on it
             self.process = subprocess.Popen(
                 [*WITH_DEFAULT_SIGINT, *self.command],
-                cwd=PROJECT,
+                cwd=self.app_dir,
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
