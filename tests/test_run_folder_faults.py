@@ -396,9 +396,10 @@ def test_a_real_write_fault_ends_the_run_in_one_line_and_the_run_resumes_elsewhe
         assert status["reason"] == errors[0].split("ERROR", 1)[1].split(":", 1)[1].strip()
         assert status["resume-command"] == command
 
-    words = shlex.split(command)
-    assert words[:4] == ["flwr", "run", ".", "--run-config"] and len(words) == 5, words
-    values = parse_overrides(words[4])
+    words = shlex.split(command)  # the flwr run that was typed, its federation override kept
+    at = words.index("--run-config")
+    assert words[:at] == ["flwr", "run", ".", "--federation-config", SMALL_FEDERATION] and len(words) == at + 2, words
+    values = parse_overrides(words[at + 1])
     assert values["resume-from"] == str(original) and values["output-dir"] == str(disk_dir), values
     if fault != "disk-full":
         return
