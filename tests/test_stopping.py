@@ -251,9 +251,12 @@ def test_resume_command_repeats_the_typed_federation_and_its_overrides(tmp_path)
         *("/venv/bin/flwr", "run", ".", "ray-cluster", "--run-config", "num-server-rounds=9"),
         *("--federation-config", federation_config, "-c", "seed=3", "--run-config=batch-size=8"),
     ]
-    # A process whose argv reads like the flwr CLI's (python -c ignores the words after its code).
-    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", *typed])
+    # A process whose argv reads like the flwr CLI's (python -c ignores the words after its code); its
+    # first line says it runs, so /proc holds its own argv and no longer the forking parent's.
+    code = "import time; print('up', flush=True); time.sleep(30)"
+    stand_in = subprocess.Popen([sys.executable, "-c", code, *typed], stdout=subprocess.PIPE, text=True)
     try:
+        assert stand_in.stdout is not None and stand_in.stdout.readline() == "up\n"
         words = typed_flwr_run(stand_in.pid)
     finally:
         stand_in.kill()

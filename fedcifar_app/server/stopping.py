@@ -69,31 +69,35 @@ class RunStop:
         return self.event.is_set()
 
     def request(self, who: str) -> None:
+        """Stop the run and record it. The lock is held while ``on_stop`` records, so ``close`` (the run's
+        last step before its run.log closes) waits for the record and its resume line."""
         with self.lock:
             if self.closed or self.event.is_set():
                 return
             self.who = who
             self.event.set()
-        try:
-            self.on_stop(who)
-        except Exception as err:  # recording must not hide the stop itself
-            logger.warning("could not record the stop (%s: %s)", type(err).__name__, err)
+            try:
+                self.on_stop(who)
+            except Exception as err:  # recording must not hide the stop itself
+                logger.warning("could not record the stop (%s: %s)", type(err).__name__, err)
 
     def check(self) -> None:
         if self.event.is_set():
             raise RunStopped(self.who)
 
     def close(self) -> None:
+        """The run has ended: a later request changes nothing. Waits for a stop being recorded."""
         with self.lock:
             self.closed = True
 
     def listen(self, grid: Grid) -> Grid:
         """Hear stops from Flower (exit handler; in simulation the engine's stop event); return the grid
-        to run the strategy on (in simulation one whose waits end when the run is stopped)."""
+        to run the strategy on: one whose waits for replies end when the run is stopped, and which polls
+        for them more often than Flower's deployment grid does (see ``StoppableGrid``)."""
         compat.add_exit_handler(lambda: self.request(BY_FLOWER_EXIT))
         engine_stop = compat.simulation_engine_stop_event()
-        if engine_stop is None:
-            return grid
+        if engine_stop is None:  # deployment (and Flower >= 1.27): Flower's exit handler brings the stop
+            return StoppableGrid(grid, self, poll_s=DEPLOYMENT_REPLY_POLL_S)
         self.engine_processes = descendants(os.getpid())
         threading.Thread(target=self._watch_engine, args=(engine_stop,), name="fedcifar-stop", daemon=True).start()
         threading.Thread(target=self._watch_parent, args=(os.getppid(),), name="fedcifar-parent", daemon=True).start()
@@ -183,9 +187,18 @@ def continue_command(
     return None
 
 
+# How often a deployed ServerApp asks the SuperLink for replies. Flower's GrpcGrid asks every 3 s
+# (flwr/server/grid/grpc_grid.py, send_and_receive): a round waits that long after its last reply,
+# twice (train, evaluate). 0.25 s took ~1 s off a warm deployed round for ~0.5 CPU-s of polling
+# (benchmarks/README.md, "Deployment vs simulation").
+DEPLOYMENT_REPLY_POLL_S = 0.25
+
+
 class StoppableGrid(Grid):
-    """The simulation grid, with waits that end as soon as the run is stopped: the round in progress
-    is abandoned (its replies are dropped) instead of waited for until round-timeout."""
+    """Flower's grid, with waits for replies that end as soon as the run is stopped (the round in
+    progress is abandoned, its replies dropped, instead of waited for until round-timeout) and that
+    poll every ``poll_s``: the in-memory simulation grid is cheap to ask, the deployment grid asks the
+    SuperLink over gRPC (``DEPLOYMENT_REPLY_POLL_S``)."""
 
     def __init__(self, grid: Grid, stop: RunStop, poll_s: float = 0.1) -> None:
         self._grid, self._stop, self._poll_s = grid, stop, poll_s
