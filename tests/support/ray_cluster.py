@@ -41,7 +41,7 @@ NOT_INHERITED = (
 )
 ENTER_HOST = (
     'set -e; hostname "$FC_HOST"; '
-    'for keep in $FC_KEEP; do mount --bind "$keep" "$FC_TMP$keep"; done; '
+    'for keep in $FC_KEEP; do mount --bind "$keep" "$FC_TMP${keep#/tmp}"; done; '
     'mount --rbind "$FC_TMP" /tmp; mount --bind "$FC_SHM" /dev/shm; '
     'unset FC_HOST FC_TMP FC_SHM FC_KEEP; exec "$@"'
 )
@@ -64,8 +64,8 @@ class RayHosts:
         self.addresses[host] = address
         tmp = self.tmp(host)
         (tmp / "home").mkdir(parents=True)
-        for path in self.keep:
-            (tmp / path.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        for path in self.keep:  # bound there, then seen at `path` once the host's tmp is its /tmp
+            (tmp / path.relative_to("/tmp")).mkdir(parents=True, exist_ok=True)
         shm = Path("/dev/shm") / self.network.namespace(host)
         shm.mkdir()
         self._shm.append(shm)

@@ -14,6 +14,6 @@ the warm path cannot be used, the shim prints one WARNING line and execs Flower'
 - shim.py      the ``flwr-clientapp`` stand-in (``fedcifar-warm-shim``; stdlib only)
 - parent.py    the warm parent: preload, the safety check before each fork, the serve loop
 - child.py     what a forked child does before Flower runs: the shim's process state, threads
-- setup.py     the socket folder and the shim's PATH entry, for fedcifar-deploy and the CLI
+- folder.py    the socket folder and the shim's PATH entry, for fedcifar-deploy and the CLI
 - cli.py       ``fedcifar-warm``: a warm parent for ``fedcifar-deploy``, or around a plain ``flower-supernode``
 """
