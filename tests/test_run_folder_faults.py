@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.faults import CREATE_ERRORS, FaultyDisk
+from support.faults import CREATE_ERRORS, FaultyDisk, fail_path_call
 from support.flwr_run import SMALL_FEDERATION, SMALL_NODES, FlwrRun, flwr_environment
 from support.inprocess import run_inprocess
 
@@ -196,14 +196,7 @@ def test_a_resumed_run_without_a_checkpoint_of_its_own_continues_from_its_source
 
 
 def test_a_run_folder_that_cannot_be_created_is_a_config_error(tmp_path, monkeypatch):
-    real_mkdir = Path.mkdir
-
-    def mkdir(self, *args, **kwargs):
-        if self.parent == tmp_path:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
-        return real_mkdir(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "mkdir", mkdir)
+    fail_path_call(monkeypatch, "mkdir", lambda path: path.parent == tmp_path, errno.ENOSPC)
     with pytest.raises(ConfigError, match=r"cannot create the run folder \S+ there: the disk is full"):
         create_run_folder(tmp_path)
 

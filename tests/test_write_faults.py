@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.datasets import make_parquet_dataset
-from support.faults import FaultyDisk
+from support.faults import FaultyDisk, fail_path_call
 
 from fedcifar_app.config import RunConfig
 from fedcifar_app.data import cache_cli
@@ -46,16 +46,8 @@ def finished_run(folder: Path, seed: int = 42) -> Path:
 
 
 def refuse_reading(monkeypatch, name: str) -> None:
-    """Reading the file called ``name`` fails with EACCES, as for a file its owner made unreadable
-    (root reads any file, so the test raises what the kernel would)."""
-    real_read_text = Path.read_text
-
-    def read_text(self, *args, **kwargs):
-        if self.name == name:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
-        return real_read_text(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "read_text", read_text)
+    """Reading the file called ``name`` fails with EACCES, as for a file its owner made unreadable."""
+    fail_path_call(monkeypatch, "read_text", lambda path: path.name == name, errno.EACCES)
 
 
 # --------------------------------------------------------------------------- fedcifar-compare

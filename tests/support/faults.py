@@ -12,8 +12,11 @@ from __future__ import annotations
 import errno
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from fedcifar_app import files
 
@@ -92,3 +95,16 @@ class FaultyDisk:
         if fault.full:
             self.full_code = fault.code
         return fault.code
+
+
+def fail_path_call(monkeypatch: pytest.MonkeyPatch, method: str, applies: Callable[[Path], bool], code: int) -> None:
+    """``Path.<method>`` raises ``OSError(code)`` for the paths ``applies`` picks, as the kernel would:
+    root reads and creates where a user could not, so a test raises the kernel's error itself."""
+    real = getattr(Path, method)
+
+    def call(self: Path, *args, **kwargs):
+        if applies(self):
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, method, call)
