@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.faults import CREATE_ERRORS, FaultyDisk, fail_path_call
+from support.faults import CREATE_ERRORS, FaultyDisk, fail_path_call, private_tmpfs_problem
 from support.flwr_run import SMALL_FEDERATION, SMALL_NODES, FlwrRun, flwr_environment
 from support.inprocess import run_inprocess
 
@@ -267,16 +267,6 @@ def test_when_status_json_cannot_be_written_either_the_line_says_so(tmp_path, ca
 # --------------------------------------------------------------------------- a real full disk, end to end
 
 
-def can_mount_in_a_private_namespace() -> str:
-    """Why the end-to-end test cannot run here ('' when it can)."""
-    if os.geteuid() != 0:
-        return "needs root to mount a tmpfs"
-    if shutil.which("unshare") is None:
-        return "needs unshare (util-linux)"
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
-    return "" if probe.returncode == 0 else f"unshare -m fails here: {probe.stderr.decode().strip()}"
-
-
 def fill(pid: int, run_folder: Path) -> None:
     """Write a file beside the run folder until the disk under it is full (through /proc/<pid>/root, the
     namespace's view of the file system)."""
@@ -312,7 +302,7 @@ REAL_FAULTS = {
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(can_mount_in_a_private_namespace()), reason=can_mount_in_a_private_namespace() or "ok")
+@pytest.mark.skipif(bool(private_tmpfs_problem()), reason=private_tmpfs_problem() or "ok")
 @pytest.mark.parametrize("fault", sorted(REAL_FAULTS))
 def test_a_real_write_fault_ends_the_run_in_one_line_and_the_run_resumes_elsewhere(tmp_path, fault):
     """`flwr run .` writes into a 4 MB tmpfs mounted in its own mount namespace (never on the machine's

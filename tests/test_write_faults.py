@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from support.datasets import make_parquet_dataset
-from support.faults import FaultyDisk, fail_path_call
+from support.faults import FaultyDisk, fail_path_call, private_tmpfs_problem
 
 from fedcifar_app.config import RunConfig
 from fedcifar_app.data import cache_cli
@@ -107,16 +107,6 @@ def test_fedcifar_cache_that_cannot_remove_its_folder_is_one_line(tmp_path, monk
         f"fedcifar-cache: error: {tmp_path / 'cache'}: the file system is read-only (Read-only file system); "
         "remount it read-write\n"
     )
-
-
-def private_tmpfs_problem() -> str:
-    """Why a tmpfs cannot be mounted in a private mount namespace here ('' when it can)."""
-    if os.geteuid() != 0:
-        return "needs root to mount a tmpfs"
-    if shutil.which("unshare") is None:
-        return "needs unshare (util-linux)"
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
-    return "" if probe.returncode == 0 else f"unshare -m fails here: {probe.stderr.decode().strip()}"
 
 
 @pytest.mark.skipif(bool(private_tmpfs_problem()), reason=private_tmpfs_problem() or "ok")

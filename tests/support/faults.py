@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 import io
 import os
+import shutil
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,3 +110,13 @@ def fail_path_call(monkeypatch: pytest.MonkeyPatch, method: str, applies: Callab
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, method, call)
+
+
+def private_tmpfs_problem() -> str:
+    """Why a tmpfs cannot be mounted in a private mount namespace here ('' when it can): the real full-disk tests."""
+    if os.geteuid() != 0:
+        return "needs root to mount a tmpfs"
+    if shutil.which("unshare") is None:
+        return "needs unshare (util-linux)"
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    return "" if probe.returncode == 0 else f"unshare -m fails here: {probe.stderr.decode().strip()}"
