@@ -49,6 +49,8 @@ class DpMode(str, enum.Enum):
 
 SYNTHETIC_DATASET = "synthetic"
 DP_KEYS = ("dp-noise-multiplier", "dp-clipping-norm", "dp-delta")
+# Keys whose change would make a resumed run a different experiment: a resume must pass the same values.
+RESUME_MUST_MATCH = ("dataset", "partitioner", "dirichlet-alpha", "seed", "val-fraction", "strategy", "dp")
 
 
 @dataclass(frozen=True)

@@ -104,9 +104,11 @@ def format_overrides(values: Mapping[str, Any]) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, str):
-            if "'" in value:
-                raise UsageError(f"cannot pass {value!r} on the command line: it contains a single quote")
-            return f"'{value}'"
+            if "'" not in value:
+                return f"'{value}'"  # a literal TOML string: backslashes stay as they are
+            if '"' in value:  # Flower's pattern takes '...' or "..." with no quote of its kind inside
+                raise UsageError(f"cannot pass {value!r} on the command line: it contains both kinds of quote")
+            return '"' + value.replace("\\", "\\\\") + '"'  # a basic TOML string: backslashes escaped
         return repr(value)
 
     return " ".join(f"{key}={literal(value)}" for key, value in values.items())

@@ -32,6 +32,7 @@ from support.inprocess import run_inprocess
 from fedcifar_app import files
 from fedcifar_app.config import RunConfig
 from fedcifar_app.errors import ConfigError, RunAborted, RunFolderUnwritable
+from fedcifar_app.logs import APP_LOGGER
 from fedcifar_app.model import new_model
 from fedcifar_app.pyproject import format_overrides, parse_overrides
 from fedcifar_app.runs.checkpoint import Checkpoint
@@ -40,6 +41,7 @@ from fedcifar_app.runs.recorder import RunRecorder
 from fedcifar_app.runs.run_log import RUN_LOG, run_log
 from fedcifar_app.runs.status import STATUS, read_status
 from fedcifar_app.server.app import record_failure
+from fedcifar_app.server.run import record_stop
 from fedcifar_app.server.stopping import continue_command
 
 # (what the line says happened, the fix it names) per errno
@@ -193,6 +195,89 @@ def test_a_resumed_run_without_a_checkpoint_of_its_own_continues_from_its_source
     command = caught.value.resume_command
     assert command is not None and str(caught.value).endswith(command)
     assert f"resume-from='{source}'" in command and command.startswith("flwr run . <federation> --run-config ")
+
+
+@pytest.mark.parametrize("name", [FINAL_MODEL, STATUS])
+def test_a_write_that_fails_after_the_last_round_says_the_trained_model_is_safe(tmp_path, disk, name):
+    """Every round is in checkpoint.pt: a resume would be refused (no round left), so the line offers
+    none; it names the checkpoint that holds the trained model."""
+    folder = tmp_path / "out" / "20260101-000000"
+    recorder = start_recorder(folder)
+    for round_number in range(CONFIG_3.num_server_rounds + 1):
+        recorder.finish_round(round_number, 2.0, 0.1 * round_number, new_model(0).state_dict())
+    disk.fail(name, errno.ENOSPC)
+    with pytest.raises(RunFolderUnwritable) as caught:
+        recorder.finish_run(new_model(0).state_dict())
+    what, fix = SAYS[errno.ENOSPC]
+    assert str(caught.value) == (
+        f"cannot write {name} in the run folder {folder}: {what}; the files written before are whole. {fix} before "
+        f"the next run; no training is lost: every round is checkpointed, and {folder / CHECKPOINT} holds the trained "
+        f"model of round 3 (missing: {FINAL_MODEL} and the plots)"
+    )
+    assert caught.value.resume_command is None
+    assert Checkpoint.load(folder).round == 3
+
+
+def test_a_deleted_folder_of_a_resumed_run_continues_from_its_source(tmp_path):
+    """The folder took its own checkpoint with it; the run it resumed still holds one."""
+    source = tmp_path / "out" / "20260101-000000"
+    start_recorder(source).finish_round(0, 2.3, 0.10, new_model(0).state_dict())
+    config = RunConfig(dataset="synthetic", num_server_rounds=3, resume_from=str(source))
+    folder = tmp_path / "out" / "20260101-000001"
+    folder.mkdir()
+    recorder = RunRecorder.start(
+        folder,
+        config,
+        Checkpoint.load(source),
+        continue_command=lambda last: continue_command(config, folder, last, simulation=True),
+    )
+    recorder.finish_round(1, 2.0, 0.30, new_model(0).state_dict())
+    shutil.rmtree(folder)
+    with pytest.raises(RunFolderUnwritable) as caught:
+        recorder.finish_round(2, 1.9, 0.35, new_model(0).state_dict())
+    command = continue_command(config, folder, -1, simulation=True)
+    assert command is not None and f"resume-from='{source}'" in command
+    assert caught.value.resume_command == command
+    assert str(caught.value) == (
+        f"cannot write {METRICS}: the run folder {folder} is gone (deleted or moved during the run), and its "
+        "checkpoint with it. If you moved the folder, resume from its new place (run-config resume-from); else "
+        f"continue from round 0 of the run this one resumed with: {command}"
+    )
+
+
+def test_a_stop_whose_status_cannot_be_written_is_one_error_line_with_the_command(tmp_path, disk, caplog):
+    folder = tmp_path / "out" / "20260101-000000"
+    recorder = start_recorder(folder)
+    recorder.finish_round(0, 2.3, 0.10, new_model(0).state_dict())
+    recorder.finish_round(1, 2.0, 0.30, new_model(0).state_dict())
+    disk.fail(STATUS, errno.ENOSPC)
+    with caplog.at_level(logging.INFO, logger=APP_LOGGER):
+        record_stop(recorder, CONFIG_3, folder, "stopped by Ctrl-C", simulation=True)
+    lines = [(record.levelno, record.getMessage()) for record in caplog.records]
+    command = continue_command(CONFIG_3, folder, 1, simulation=True)
+    assert lines == [
+        (
+            logging.ERROR,
+            "Run stopped by Ctrl-C after round 1 of 3, and " + expected_line(STATUS, folder, errno.ENOSPC, 1),
+        )
+    ]
+    assert command is not None and lines[0][1].endswith(command)
+    assert read_status(folder).recorded == "running"  # the last status that fitted
+
+
+def test_a_stop_after_the_last_round_offers_no_resume(tmp_path, caplog):
+    folder = tmp_path / "out" / "20260101-000000"
+    recorder = start_recorder(folder)
+    for round_number in range(CONFIG_3.num_server_rounds + 1):
+        recorder.finish_round(round_number, 2.0, 0.1 * round_number, new_model(0).state_dict())
+    with caplog.at_level(logging.INFO, logger=APP_LOGGER):
+        record_stop(recorder, CONFIG_3, folder, "stopped by Ctrl-C", simulation=True)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"Run stopped by Ctrl-C after round 3 of 3; nothing is left to train: {folder / CHECKPOINT} holds the "
+        "trained model"
+    ]
+    status = read_status(folder)
+    assert (status.state, status.raw["resume-command"]) == ("stopped", None)
 
 
 def test_a_run_folder_that_cannot_be_created_is_a_config_error(tmp_path, monkeypatch):

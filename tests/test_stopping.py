@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 import pytest
+from flwr.common.config import parse_config_args
 from support.deployment import LocalDeployment
 from support.flwr_run import SMALL_FEDERATION, SMALL_NODES, FlwrRun, flwr_environment
 
-from fedcifar_app.config import RunConfig
+from fedcifar_app.config import RESUME_MUST_MATCH, RunConfig
 from fedcifar_app.errors import ConfigError
 from fedcifar_app.model import Net
 from fedcifar_app.procfs import session_members
@@ -227,19 +228,26 @@ def test_first_format_status_without_process_fields(tmp_path):
 
 
 def test_resume_command_round_trips_the_run_config(tmp_path):
-    config = RunConfig.from_run_config({"num-server-rounds": 20, "dataset": "synthetic", "learning-rate": 0.01})
-    folder = tmp_path / "outputs" / "20260101-000000"
-    line = resume_command(config, folder, simulation=True)
+    """Keys off the defaults, the ones a resume must match (whatever pyproject.toml says by then), the
+    round count, the output folder of this run and resume-from; a quote in a path survives the shell."""
+    outputs = tmp_path / "o'brien" / "outputs"
+    run_config = {"num-server-rounds": 20, "dataset": "synthetic", "learning-rate": 0.01, "output-dir": str(outputs)}
+    config = RunConfig.from_run_config(run_config)
+    resumed = tmp_path / "elsewhere" / "20260101-000000"  # a run that resumed another stopped before its checkpoint
+    line = resume_command(config, resumed, simulation=True)
     words = shlex.split(line)
     assert words[:4] == ["flwr", "run", ".", "--run-config"] and len(words) == 5
     values = parse_overrides(words[4])
+    must_match = {key: config.to_run_config()[key] for key in RESUME_MUST_MATCH}
     assert values == {
+        **must_match,
         "num-server-rounds": 20,
         "dataset": "synthetic",
         "learning-rate": 0.01,
-        "output-dir": str(folder.parent),
-        "resume-from": str(folder),
+        "output-dir": str(outputs),
+        "resume-from": str(resumed),
     }
+    assert parse_config_args([words[4]]) == values  # as Flower's own `flwr run` reads it
 
 
 def test_resume_command_repeats_the_typed_federation_and_its_overrides(tmp_path):

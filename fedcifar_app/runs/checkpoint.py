@@ -9,15 +9,12 @@ from typing import Any
 
 import torch
 
-from ..config import RunConfig
+from ..config import RESUME_MUST_MATCH, RunConfig
 from ..errors import ConfigError, first_line
 from ..files import atomic_write_bytes
 from ..model import Net
 from .folder import CHECKPOINT, RUN_FOLDER_FORMAT
 from .metrics import RoundRow, rows_to_json
-
-# Keys whose change would make a resumed run a different experiment.
-RESUME_MUST_MATCH = ("dataset", "partitioner", "dirichlet-alpha", "seed", "val-fraction", "strategy", "dp")
 
 
 def atomic_torch_save(path: Path, value: Any) -> None:

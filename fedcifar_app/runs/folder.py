@@ -54,23 +54,35 @@ def create_run_folder(output_dir: Path) -> Path:
     raise RuntimeError(f"could not create a run folder under {output_dir}")
 
 
-def unwritable(path: Path, err: OSError, continue_command: str | None, checkpoint_round: int) -> RunFolderUnwritable:
+def unwritable(
+    path: Path, err: OSError, continue_command: str | None, checkpoint_round: int, *, all_rounds_done: bool = False
+) -> RunFolderUnwritable:
     """The one line that ends a run whose folder can no longer be written: the file, the folder, why,
     the fix, and the command that continues from the last checkpoint (``continue_command``, from round
-    ``checkpoint_round``; None when nothing was checkpointed). Every file written before is whole: each
-    was replaced atomically."""
+    ``checkpoint_round``; None when nothing was checkpointed, or when ``all_rounds_done``: every round
+    is in checkpoint.pt, so the trained model is safe). Every file written before is whole: each was
+    replaced atomically. A folder that is gone took its checkpoint with it: ``continue_command`` is then
+    the one that continues from the run this one resumed, if any."""
     folder = path.parent
     if err.errno == errno.ENOENT and not folder.exists():
-        return RunFolderUnwritable(
-            path.name,
+        gone = (
             f"cannot write {path.name}: the run folder {folder} is gone (deleted or moved during the run), "
-            "and its checkpoint with it",
-            "Start the run again, or, if you moved the folder, resume from its new place (run-config resume-from)",
+            "and its checkpoint with it"
         )
+        moved = "you moved the folder, resume from its new place (run-config resume-from)"
+        if continue_command is None:
+            return RunFolderUnwritable(path.name, gone, f"Start the run again, or, if {moved}")
+        remedy = f"If {moved}; else continue from round {checkpoint_round} of the run this one resumed with: "
+        return RunFolderUnwritable(path.name, gone, remedy + continue_command, continue_command)
     what, fix = write_problem(err)
     problem = f"cannot write {path.name} in the run folder {folder}: {what}; the files written before are whole"
     fix = fix[0].upper() + fix[1:]
-    if continue_command is None:
+    if all_rounds_done:
+        remedy = (
+            f"{fix} before the next run; no training is lost: every round is checkpointed, and {folder / CHECKPOINT} "
+            f"holds the trained model of round {checkpoint_round} (missing: {FINAL_MODEL} and the plots)"
+        )
+    elif continue_command is None:
         remedy = f"{fix} or pass another output-dir, then start the run again (no round was checkpointed)"
     else:
         remedy = (

@@ -97,8 +97,13 @@ class RunRecorder:
         try:
             yield path
         except OSError as err:
-            last = self.last_round  # -1: nothing checkpointed here; a resumed run continues from its source's round
-            raise unwritable(path, err, self.continue_command(last), last if last >= 0 else self.round_offset) from None
+            # -1: nothing checkpointed here (or the folder is gone, its checkpoint with it); a resumed run
+            # then continues from its source's round.
+            last = self.last_round if self.folder.is_dir() else -1
+            checkpoint_round = last if last >= 0 else self.round_offset
+            done = checkpoint_round >= self.run_config["num-server-rounds"]
+            command = self.continue_command(last)
+            raise unwritable(path, err, command, checkpoint_round, all_rounds_done=done) from None
 
     def global_round(self, local_round: int) -> int:
         return local_round + self.round_offset

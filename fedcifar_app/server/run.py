@@ -21,7 +21,8 @@ from .. import training
 from ..compat import is_simulation
 from ..config import NodeData, RunConfig, absolute_path
 from ..data import ImageTensors, check_dataset, class_names, load_node_data, load_split
-from ..errors import ConfigError, TrainingDiverged
+from ..errors import ConfigError, RunFolderUnwritable, TrainingDiverged
+from ..files import write_problem
 from ..logs import APP_LOGGER
 from ..model import Net, new_model
 from ..runs.board import ScalarBoard
@@ -35,7 +36,7 @@ from .data_check import check_node_data
 from .divergence import advice, blame
 from .hooks import StrategyHooks, wait_for_nodes
 from .hosts import HostLedger
-from .stopping import RunStop, continue_command, typed_flwr_run
+from .stopping import RunStop, all_rounds_checkpointed, continue_command, typed_flwr_run
 from .strategy_builder import build_strategy, nodes_sampled, server_state
 
 logger = logging.getLogger(APP_LOGGER)
@@ -80,7 +81,7 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         )
         stop.on_stop = lambda who: record_stop(recorder, config, folder, who, simulation=simulation, typed=typed)
         if stop.requested:  # it came while the recorder started and wrote "running": put "stopped" back
-            recorder.set_status("stopped", f"{stop.who} before this run checkpointed a round")
+            write_stopped(recorder, config, folder, stop.who, simulation=simulation, typed=typed)
             stop.check()
 
         weights = resumed.weights if resumed else new_model(derive_seed(config.seed, "init")).state_dict()
@@ -94,7 +95,7 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         hosts = HostLedger()
         node_names = check_node_data(grid, node_ids, config, simulation=simulation, hosts=hosts)
     except BaseException:
-        beside_startup.shutdown(cancel_futures=True)  # what has not started yet is not needed any more
+        beside_startup.shutdown(wait=False, cancel_futures=True)  # not needed any more: the error need not wait
         raise
     beside_startup.shutdown()  # round 0 and samples.png are done before round 1
 
@@ -147,10 +148,11 @@ def run_federation(grid: Grid, context: Context, folder: Path, stop: RunStop) ->
         raise TrainingDiverged(f"{err}{diverged_advice(config, hooks, sampled, folder)}") from err
     board.close()  # each row is flushed as written, so a run that raises above loses no scalars
     recorder.finish_run(result.arrays.to_torch_state_dict() if len(result.arrays) else weights)
+    stop.close()  # completed: a stop from here on changes nothing (one that came after the last round stays)
     logger.info("Results per round:\n%s", summary_table(recorder.rows))
     if served := hosts.summary():
         logger.info("Served by %s", served)
-    logger.info("Run folder (status: completed): %s", folder)
+    logger.info("Run folder (status: %s): %s", recorder.status, folder)
 
 
 def evaluate_weights(
@@ -210,22 +212,55 @@ def record_stop(
     simulation: bool,
     typed: list[str] | None = None,
 ) -> None:
-    """Status "stopped" with who and after which round, and ONE line with the command that resumes."""
+    """Status "stopped" with who and after which round, and ONE line with the command that resumes (an
+    ERROR line instead when status.json cannot be written: what failed, then that command)."""
     last = recorder.last_round if recorder is not None else -1
-    if last >= 0:
-        reason = f"{who} after round {last} of {config.num_server_rounds}"
-    else:  # nothing checkpointed here: continue from where this run started, if it was a resume
-        reason = f"{who} before this run checkpointed a round"
-    # The command goes into status.json too: the process may be killed before the log line is out.
+    try:
+        reason, command = write_stopped(recorder, config, folder, who, simulation=simulation, typed=typed)
+    except RunFolderUnwritable as err:  # its message ends with the command that continues
+        logger.error("Run %s, and %s", stopped_reason(config, who, last), err)
+        return
+    except OSError as err:  # before the recorder: the folder is new, nothing in it to lose
+        command = continue_command(config, folder, last, simulation=simulation, typed=typed)
+        resume = f"; resume with: {command}" if command else ""
+        problem = write_problem(err)[0]
+        logger.error(
+            "Run %s, and status.json could not be written (%s)%s", stopped_reason(config, who, last), problem, resume
+        )
+        return
+    if command is not None:
+        logger.warning("Run %s; resume with: %s", reason, command)
+    elif all_rounds_checkpointed(config, last):
+        logger.warning("Run %s; nothing is left to train: %s holds the trained model", reason, folder / CHECKPOINT)
+    else:
+        logger.warning("Run %s; no round was checkpointed, so start it again rather than resume", reason)
+
+
+def stopped_reason(config: RunConfig, who: str, last_round: int) -> str:
+    if last_round >= 0:
+        return f"{who} after round {last_round} of {config.num_server_rounds}"
+    return f"{who} before this run checkpointed a round"  # a resumed run continues from where it started
+
+
+def write_stopped(
+    recorder: RunRecorder | None,
+    config: RunConfig,
+    folder: Path,
+    who: str,
+    *,
+    simulation: bool,
+    typed: list[str] | None = None,
+) -> tuple[str, str | None]:
+    """Write status "stopped" (who, after which round, the command that continues: the process may be
+    killed before the log line is out); return the reason and that command."""
+    last = recorder.last_round if recorder is not None else -1
+    reason = stopped_reason(config, who, last)
     command = continue_command(config, folder, last, simulation=simulation, typed=typed)
     if recorder is not None:
         recorder.set_status("stopped", reason, rounds=last if last >= 0 else None, **{"resume-command": command})
     else:
         write_status(folder, "stopped", reason, rounds=None, **{"resume-command": command})
-    if command is not None:
-        logger.warning("Run %s; resume with: %s", reason, command)
-    else:
-        logger.warning("Run %s; no round was checkpointed, so start it again rather than resume", reason)
+    return reason, command
 
 
 def diverged_advice(config: RunConfig, hooks: StrategyHooks, sampled: int, folder: Path) -> str:

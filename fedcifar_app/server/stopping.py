@@ -36,7 +36,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from .. import compat
-from ..config import RunConfig
+from ..config import RESUME_MUST_MATCH, RunConfig, absolute_path
 from ..errors import RunStopped
 from ..logs import APP_LOGGER
 from ..procfs import command_line, descendants, process_start
@@ -128,20 +128,22 @@ class RunStop:
 
 
 def resume_command(config: RunConfig, folder: Path, *, simulation: bool, typed: list[str] | None = None) -> str:
-    """The `flwr run` line that continues this run: every key that differs from the defaults, the
-    round count and output folder, and resume-from. ``typed`` (``typed_flwr_run``) is the command
+    """The `flwr run` line that continues this run: every key that differs from the code's defaults,
+    the round count and output folder, the keys a resume must match (restated whatever pyproject.toml
+    says by then), and resume-from. ``typed`` (``typed_flwr_run``) is the command
     that started this simulation, less its run config: its federation and --federation-config are
     kept, so a run on a Ray cluster resumes there, not on the default federation."""
     current = config.to_run_config()
     defaults = RunConfig().to_run_config()
-    keep = {key: value for key, value in current.items() if key in ALWAYS_IN_RESUME or value != defaults.get(key)}
-    keep["output-dir"] = str(Path(folder).parent)
+    always = (*ALWAYS_IN_RESUME, *RESUME_MUST_MATCH)
+    keep = {key: value for key, value in current.items() if key in always or value != defaults.get(key)}
+    keep["output-dir"] = str(absolute_path(config.output_dir))  # where this run wrote (not the resumed run)
     keep["resume-from"] = str(folder)
     if typed:
         start = " ".join(shell_word(word) for word in typed)
     else:
         start = "flwr run ." if simulation else "flwr run . <federation>"
-    return f'{start} --run-config "{format_overrides(keep)}"'
+    return f"{start} --run-config {shell_word(format_overrides(keep))}"
 
 
 RUN_CONFIG_FLAGS = ("--run-config", "-c")
@@ -178,13 +180,21 @@ def continue_command(
     config: RunConfig, folder: Path, last_round: int, *, simulation: bool, typed: list[str] | None = None
 ) -> str | None:
     """The command that continues this run: from ``folder`` once it checkpointed a round (``last_round``
-    >= 0), else from the folder this run resumed from; None when neither holds a checkpoint. ``typed``
-    as in ``resume_command``."""
+    >= 0), else from the folder this run resumed from; None when neither holds a checkpoint, or when
+    every round is checkpointed (``all_rounds_checkpointed``: a resume would be refused, nothing is left
+    to train). ``typed`` as in ``resume_command``."""
+    if all_rounds_checkpointed(config, last_round):
+        return None
     if last_round >= 0:
         return resume_command(config, folder, simulation=simulation, typed=typed)
     if config.resume_from:
         return resume_command(config, Path(config.resume_from), simulation=simulation, typed=typed)
     return None
+
+
+def all_rounds_checkpointed(config: RunConfig, last_round: int) -> bool:
+    """The run's last round is in checkpoint.pt: only the final files (final_model.pt, plots) are left."""
+    return last_round >= config.num_server_rounds
 
 
 # How often a deployed ServerApp asks the SuperLink for replies. Flower's GrpcGrid asks every 3 s
