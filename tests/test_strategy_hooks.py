@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from support.messages import metadata, sent_to
 from support.recorder import MemoryRecorder
 
+from fedcifar_app.client.host import DATA_KEY, HOST_KEY
 from fedcifar_app.compat import ErrorCode
 from fedcifar_app.errors import RunAborted, TrainingDiverged
 from fedcifar_app.logs import APP_LOGGER
@@ -70,7 +71,12 @@ def test_a_reply_from_the_superlink_is_matched_to_the_node_it_answers_for():
     assert failures == {6: "NODE_UNAVAILABLE", 7: "no reply within round-timeout=30s"}
 
 
-def hooked_fedavg(recorder: MemoryRecorder, min_train_nodes: int = 2) -> FedAvg:
+DATA_CHECK_NAMES = {5: "partition 0/3", 6: "partition 1/3", 7: "partition 2/3"}
+
+
+def hooked_fedavg(
+    recorder: MemoryRecorder, min_train_nodes: int = 2, node_names: dict[int, str] = DATA_CHECK_NAMES
+) -> FedAvg:
     hooks = StrategyHooks(
         recorder=recorder,
         needed_nodes=3,
@@ -78,15 +84,18 @@ def hooked_fedavg(recorder: MemoryRecorder, min_train_nodes: int = 2) -> FedAvg:
         node_wait_timeout=1,
         round_timeout=30,
         simulation=True,
-        node_names={5: "partition 0/3", 6: "partition 1/3", 7: "partition 2/3"},
+        node_names=node_names,
     )
     return with_app_hooks(FedAvg)(app_hooks=hooks, min_train_nodes=min_train_nodes, min_available_nodes=3)
 
 
-def trained_reply(message: Message, weights, loss: float) -> Message:
+def trained_reply(message: Message, weights, loss: float, data: str | None = None) -> Message:
+    """A training result; ``data``: the partition the ClientApp names in its reply's "info" record."""
     content = RecordDict(
         {"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 10, "train-loss": loss})}
     )
+    if data is not None:
+        content["info"] = ConfigRecord({DATA_KEY: data, HOST_KEY: "localhost"})
     return Message(content, reply_to=message)
 
 
@@ -123,6 +132,26 @@ def test_an_aggregation_does_not_depend_on_the_order_in_which_replies_arrive():
 
     first = aggregate([0, 1, 2])
     assert all(torch.equal(first, aggregate(order)) for order in ([2, 1, 0], [1, 2, 0], [2, 0, 1]))
+
+
+def test_nodes_outside_the_data_check_are_aggregated_in_the_order_of_their_data():
+    """Simulated nodes get random ids in every run, and the data check names only a sample of them (20
+    of 1,000): the replies' own data labels must order the sum, so two runs with one seed agree."""
+    generator = torch.Generator().manual_seed(0)
+    updates = [{"w": torch.randn(1000, generator=generator) * 10 ** (3 * k)} for k in range(3)]
+
+    def aggregate(node_ids: tuple[int, int, int]) -> torch.Tensor:
+        """Partition k on node ``node_ids[k]``; none of the nodes was in the data check's sample."""
+        strategy = hooked_fedavg(MemoryRecorder(), node_names={})
+        sent = sent_to(*node_ids)
+        strategy.app_hooks.sent = sent
+        replies = [trained_reply(sent[k], updates[k], 1.0, data=f"partition {k}/3") for k in range(3)]
+        arrays, _ = strategy.aggregate_train(1, replies)
+        assert arrays is not None
+        return arrays.to_torch_state_dict()["w"]
+
+    first = aggregate((5, 6, 7))
+    assert all(torch.equal(first, aggregate(ids)) for ids in ((9, 3, 7), (7, 6, 5), (2, 8, 4)))
 
 
 def test_too_few_training_results_abort_the_round_with_the_fix():

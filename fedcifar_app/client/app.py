@@ -16,7 +16,7 @@ from ..compat import ErrorCode
 from ..config import DpMode
 from ..errors import ConfigError, DataError
 from ..runs.metrics import EVAL_ACCURACY, EVAL_LOSS, NUM_EXAMPLES, TRAIN_LOSS, number
-from .host import HOST_KEY, on_other_hosts, this_host
+from .host import DATA_KEY, HOST_KEY, on_other_hosts, this_host
 
 if TYPE_CHECKING:
     from .node_job import NodeJob
@@ -55,9 +55,10 @@ def replies_user_errors(handler: Callable[[Message, Context], Message]) -> Calla
     return wrapper
 
 
-def served_by() -> ConfigRecord:
-    """Which host (and Ray actor) this reply comes from; the server counts replies per host."""
-    facts: dict[str, Any] = dict(this_host())
+def served_by(job: NodeJob) -> ConfigRecord:
+    """Which data (the server orders replies by it before aggregating) and which host (and Ray actor)
+    this reply comes from; the server counts replies per host."""
+    facts: dict[str, Any] = {DATA_KEY: job.node.label, **this_host()}
     return ConfigRecord(facts)
 
 
@@ -88,7 +89,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord(weights),
             "metrics": MetricRecord({TRAIN_LOSS: train_loss, NUM_EXAMPLES: len(job.data.train)}),
-            "info": served_by(),
+            "info": served_by(job),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -98,9 +99,10 @@ def train(msg: Message, context: Context) -> Message:
 @replies_user_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's validation split."""
-    result = job_for(msg, context).evaluate()
+    job = job_for(msg, context)
+    result = job.evaluate()
     metrics = MetricRecord({EVAL_LOSS: result.loss, EVAL_ACCURACY: result.accuracy, NUM_EXAMPLES: result.num_examples})
-    return Message(content=RecordDict({"metrics": metrics, "info": served_by()}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": metrics, "info": served_by(job)}), reply_to=msg)
 
 
 @app.query()
@@ -109,5 +111,5 @@ def query(msg: Message, context: Context) -> Message:
     """Before round 1 the server asks each node to load its data: bad data fails there, not mid-run."""
     facts = job_for(msg, context).describe()
     metrics = MetricRecord({key: facts[key] for key in ("num-train", "num-val", "torch-threads")})
-    info = ConfigRecord({key: facts[key] for key in ("data", "device")} | this_host())
+    info = ConfigRecord({key: facts[key] for key in (DATA_KEY, "device")} | this_host())
     return Message(content=RecordDict({"metrics": metrics, "info": info}), reply_to=msg)

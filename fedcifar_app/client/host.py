@@ -12,6 +12,9 @@ from __future__ import annotations
 import socket
 import sys
 
+# The keys of a reply's "info" record: the node's data (its partition or data-path; the server orders
+# replies by it before aggregating), the host and the Ray actor that served it.
+DATA_KEY = "data"
 HOST_KEY = "host"
 RAY_ACTOR_KEY = "ray-actor"
 

@@ -9,6 +9,7 @@ from collections import Counter
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from ..client.host import DATA_KEY
 from ..compat import MessageType
 from ..config import RunConfig
 from ..errors import RunAborted
@@ -61,7 +62,7 @@ def check_node_data(
             where = f"its ClientApp actor on {lost} is gone, " if lost else ""  # a host left the Ray cluster
             failures.append(f"node {node_id}: {where}{short_reason(reply.error.reason)}")
         else:
-            names[node_id] = str(reply.content["info"]["data"])
+            names[node_id] = str(reply.content["info"][DATA_KEY])
             train_sizes.append(int(number(reply.content.metric_records["metrics"], "num-train")))
             answered.append(reply)
     needed = max(config.min_train_nodes, config.min_evaluate_nodes)

@@ -25,7 +25,7 @@ from ..logs import APP_LOGGER
 from ..runs.metrics import TRAIN_LOSS, number, scalars
 from ..training import weights_are_finite
 from .divergence import RoundEvidence
-from .hosts import HostLedger
+from .hosts import HostLedger, reply_data
 
 logger = logging.getLogger(APP_LOGGER)
 
@@ -138,7 +138,9 @@ class Aggregation:
     """One round's train aggregation, by reference: the global model sent, the replies, the aggregate.
 
     Kept until the next round's, so that a round that diverges, in the aggregation or in the central
-    evaluation after it, can be explained (``divergence.blame``) at no cost to the rounds that do not.
+    evaluation after it, can be explained (``divergence.blame``) without CPU spent on the rounds that do
+    not; the price is memory: one round's replies stay alive beside the next round's (nodes x model
+    size: 2.5 MB for the default 10 nodes, ~250 MB for 1,000 sampled nodes a round).
     """
 
     sent: ArrayRecord
@@ -212,14 +214,15 @@ class StrategyHooks:
         return sum(not reply.has_error() for reply in replies)
 
     def in_node_order(self, replies: Iterable[Message]) -> list[Message]:
-        """``replies`` ordered by the node's data (its partition or data-path), then node id, not by
-        arrival: an aggregation's float sums follow the order of its replies, so in arrival order two runs
-        with one seed (or a run and its resume) differ in the last bits of every weight."""
+        """``replies`` ordered by the node's data (its partition or data-path, which each reply names), not
+        by arrival: an aggregation's float sums follow the order of its replies, so in arrival order two
+        runs with one seed (or a run and its resume) differ in the last bits of every weight. Node ids
+        order only what names no data (errors); simulated nodes get random ids."""
         destination = {message.metadata.message_id: message.metadata.dst_node_id for message in self.sent}
 
         def node_order(reply: Message) -> tuple[str, int]:
             node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            return (self.node_names.get(node, ""), node)
+            return (reply_data(reply) or self.node_names.get(node, ""), node)
 
         return sorted(replies, key=node_order)
 

@@ -23,12 +23,19 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message
 
-from ..client.host import HOST_KEY, RAY_ACTOR_KEY
+from ..client.host import DATA_KEY, HOST_KEY, RAY_ACTOR_KEY
 
 # Ray's exceptions for a call to an actor that is gone; Flower puts the class name in the reason.
 ACTOR_LOST = re.compile(r"\b(ActorDiedError|ActorUnavailableError|RayActorError)\b")
 ACTOR_ID = re.compile(r"\b[Aa]ctor(?:_id:)? ?([0-9a-f]{32})\b")
 ACTOR_IP = re.compile(r"^\s*ip: (\S+)\s*$", re.MULTILINE)
+
+
+def reply_data(reply: Message) -> str:
+    """The node's data (partition or data-path) that a result reply names; "" for an error or an older ClientApp."""
+    if reply.has_error() or "info" not in reply.content.config_records:
+        return ""
+    return str(reply.content.config_records["info"].get(DATA_KEY, ""))
 
 
 def reply_host(reply: Message) -> tuple[str, str] | None:
