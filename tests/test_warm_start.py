@@ -32,7 +32,7 @@ from support.instrumented_app import CRASH_NODE_ENV, CRASH_ROUND_ENV, RECORD_ENV
 from fedcifar_app.client.warm import protocol
 from fedcifar_app.client.warm.child import exit_code, openblas_threads, torch_threads
 from fedcifar_app.client.warm.folder import WarmFolder
-from fedcifar_app.client.warm.parent import load_time_differences
+from fedcifar_app.client.warm.parent import load_time_differences, shared_namespaces
 from fedcifar_app.client.warm.shim import real_clientapp
 from fedcifar_app.deploy.commands import supernode_command
 from fedcifar_app.procfs import all_processes, session_members
@@ -64,6 +64,19 @@ def test_messages_carry_fields_and_stdio_descriptors() -> None:
             protocol.receive(left)
         right.close()
         assert protocol.receive(left) == (None, [])
+
+
+def test_the_largest_request_fits_one_socket_message() -> None:
+    """A request up to MAX_MESSAGE_BYTES goes through a socket with Linux's default send buffer; a larger
+    one is refused before it is sent (the shim then starts cold, naming the size)."""
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    envelope = len(protocol.MAGIC) + len('{"kind": "request", "environ": ""}')
+    with left, right:
+        largest = "x" * (protocol.MAX_MESSAGE_BYTES - envelope)
+        protocol.send(left, protocol.REQUEST, environ=largest)
+        assert protocol.receive(right)[0] == {"kind": protocol.REQUEST, "environ": largest}
+        with pytest.raises(protocol.ProtocolError, match=f"is over {protocol.MAX_MESSAGE_BYTES}"):
+            protocol.send(left, protocol.REQUEST, environ=largest + "x")
 
 
 def test_shim_finds_flowers_own_clientapp_after_itself(tmp_path: Path) -> None:
@@ -100,6 +113,13 @@ def test_what_a_fork_cannot_change_must_match() -> None:
     node = {"PYTHONPATH": "/b", "OMP_NUM_THREADS": "1", "FLWR_HOME": "/n", "FLWR_TELEMETRY_ENABLED": "0"}
     assert load_time_differences(parent, node) == ["FLWR_TELEMETRY_ENABLED", "PYTHONPATH"]
     assert load_time_differences(parent, {**parent, "FLWR_HOME": "/n", "OMP_NUM_THREADS": "1"}) == []
+
+
+def test_a_peer_the_parent_cannot_see_shares_no_namespace() -> None:
+    """SO_PEERCRED gives pid 0 for a shim in another pid namespace (a container sharing the socket
+    folder): its ClientApp would fork into the wrong network, so the start must be refused (cold)."""
+    assert shared_namespaces(os.getpid()) is None
+    assert shared_namespaces(0) == "pid namespace"
 
 
 def test_thread_counts_are_a_cold_processs() -> None:
@@ -160,6 +180,14 @@ class Parent:
         return self.log.read_text()
 
 
+def thread_count(pid: int) -> int:
+    """Threads of process ``pid`` (0 once it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> Iterator[Parent]:
     warm = Parent(tmp_path_factory.mktemp("warm-parent"))
@@ -182,8 +210,9 @@ def test_shim_runs_flower_warm_with_its_exit_code(parent: Parent) -> None:
 
 @pytest.mark.slow
 def test_shim_passes_signals_on_and_dies_like_its_child(parent: Parent) -> None:
-    """SIGUSR1 to the shim reaches the warm child (which Flower leaves at the default: it dies), and
-    the shim then ends by the same signal, as the cold process would."""
+    """SIGUSR1 to the shim reaches the warm child (which Flower leaves at the default: it dies of it,
+    not of the SIGKILL a child gets when its shim is gone), and the shim then ends by the same signal,
+    as the cold process would."""
     before = set(parent.children())
     blocked = parent.shim(
         "--insecure", "--clientappio-api-address", f"127.0.0.1:{free_port_block(1)[0]}", "--token", "t"
@@ -193,13 +222,19 @@ def test_shim_passes_signals_on_and_dies_like_its_child(parent: Parent) -> None:
         assert blocked.poll() is None and time.monotonic() < deadline, blocked.communicate()
         time.sleep(0.05)
     (child,) = set(parent.children()) - before
+    # Forked with one thread; its first thread after the shim's "go" (which comes once the shim forwards
+    # signals) watches the shim. From then on it runs Flower's flwr-clientapp.
+    while thread_count(child) < 2:
+        assert blocked.poll() is None and time.monotonic() < deadline, blocked.communicate()
+        time.sleep(0.05)
     blocked.send_signal(signal.SIGUSR1)
     blocked.communicate(timeout=30)
     assert blocked.returncode == -signal.SIGUSR1
     deadline = time.monotonic() + 10
-    while child in parent.children():
+    while f"ClientApp pid {child} ended" not in parent.log.read_text():
         assert time.monotonic() < deadline, "the warm child outlived its shim"
         time.sleep(0.05)
+    assert f"ClientApp pid {child} ended (exit code {-signal.SIGUSR1})" in parent.log.read_text()
 
 
 @pytest.mark.slow

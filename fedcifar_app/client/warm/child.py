@@ -145,7 +145,7 @@ def watch_shim(pid: int) -> None:
     """End this process when its shim ends, as a cold flwr-clientapp ends with its own process."""
     try:
         pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
+    except OSError:  # gone already (or, never expected past the parent's checks, not a pid of ours to watch)
         os.kill(os.getpid(), signal.SIGKILL)
         return
 

@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--preload",
         action="append",
+        default=[],
         metavar="MODULE",
-        help=f"a module to import in the warm parent (repeatable; default: {' '.join(DEFAULT_PRELOAD)})",
+        help=f"one more module to import in the warm parent, after {' '.join(DEFAULT_PRELOAD)} (repeatable)",
     )
     parser.add_argument(
         "command", nargs=argparse.REMAINDER, help="the SuperNode command to run, e.g. flower-supernode ..."
@@ -67,7 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     temporary = None if args.dir else Path(tempfile.mkdtemp(prefix="fedcifar-warm-"))
     try:
         folder = WarmFolder.prepare(temporary or Path(args.dir))
-        outcome = start_parent(folder, args.preload or DEFAULT_PRELOAD, args.exit_with, command)
+        preload = list(dict.fromkeys([*DEFAULT_PRELOAD, *args.preload]))  # the app's own modules come on top
+        outcome = start_parent(folder, preload, args.exit_with, command)
     except WarmStartError as err:
         parser.exit(2, f"fedcifar-warm: error: {err}\n")
     finally:

@@ -182,13 +182,15 @@ def load_time_differences(start_environ: Mapping[str, str], environ: Mapping[str
 
 
 def shared_namespaces(pid: int) -> str | None:
-    """The first namespace or cgroup that `pid` does not share with this process, or None."""
+    """The first namespace or cgroup that `pid` does not share with this process, or None. A peer this
+    process cannot see (pid 0 from SO_PEERCRED: it lives in another pid namespace; or gone) shares none."""
+    if pid <= 0 or not os.path.isdir(f"/proc/{pid}"):
+        return "pid namespace"
     for name in NAMESPACES:
-        try:
-            if os.readlink(f"/proc/{pid}/ns/{name}") != os.readlink(f"/proc/self/ns/{name}"):
-                return f"{name} namespace"
-        except FileNotFoundError:
+        if not os.path.exists(f"/proc/self/ns/{name}"):
             continue  # a kernel without this namespace kind
+        if os.readlink(f"/proc/{pid}/ns/{name}") != os.readlink(f"/proc/self/ns/{name}"):
+            return f"{name} namespace"
     try:
         with open(f"/proc/{pid}/cgroup", "rb") as theirs, open("/proc/self/cgroup", "rb") as ours:
             if theirs.read() != ours.read():
@@ -322,8 +324,9 @@ class WarmParent:
                     selector.unregister(conn)
                     del pending[conn]
                     conn.close()
-                stop = self._handle_signals(received, command)
-                received.clear()
+                handled = received[:]  # a signal that comes while these are handled waits for the next turn
+                del received[: len(handled)]
+                stop = self._handle_signals(handled, command)
                 if stop_at is None and (stop or ((self.exit_with or self.command) and not watched)):
                     stop_at = time.monotonic() + DRAIN_S
                     self.folder.unbind(socket_inode)

@@ -24,8 +24,10 @@ from typing import Any
 SOCKET_ENV = "FEDCIFAR_WARM_SOCKET"
 SOCKET_NAME = "parent.sock"
 MAGIC = b"fedcifar-warm/1 "
-MAX_MESSAGE_BYTES = 1 << 20
-SOCKET_PATH_LIMIT = 100  # sun_path holds 108 bytes with the final NUL; keep a margin  # an environment larger than this is refused (the start goes cold)
+# A request over this (an environment of some 200 KB) goes cold: one SEQPACKET message must fit the
+# socket's send buffer, which Linux caps at net.core.wmem_max (212,992 bytes by default).
+MAX_MESSAGE_BYTES = 200_000
+SOCKET_PATH_LIMIT = 100  # sun_path holds 108 bytes with the final NUL; keep a margin
 STDIO_FDS = 3
 
 REQUEST, REFUSE, READY, GO, EXIT = "request", "refuse", "ready", "go", "exit"

@@ -111,6 +111,10 @@ def main() -> int:
         start_cold(real, f"no warm parent at {socket_path}: {err.strerror or err}")
     try:
         protocol.send(sock, protocol.REQUEST, fds=range(protocol.STDIO_FDS), **settings)
+    except OSError as err:  # a huge environment, or a parent gone since it accepted
+        sock.close()
+        start_cold(real, f"the request could not be sent to the warm parent: {err.strerror or err}")
+    try:
         reply, _ = protocol.receive(sock)
     except OSError as err:
         sock.close()
