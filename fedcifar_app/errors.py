@@ -1,6 +1,8 @@
 """Every error a user can act on, in one place. Each message names the problem and the fix in one
 line; the ServerApp prints it as the run's single ERROR line and records it in status.json, and the
-console scripts print it as ``<prog>: error: <message>`` with exit status 2. Torch-free, Flower-free."""
+console scripts print a bad command line or config as ``<prog>: error: <message>`` with exit status 2
+(a deployment step that failed, ``DeployError``: ``fedcifar-deploy: <message>``, exit status 1).
+Torch-free, Flower-free."""
 
 from __future__ import annotations
 
