@@ -32,7 +32,7 @@ from support.instrumented_app import CRASH_NODE_ENV, CRASH_ROUND_ENV, RECORD_ENV
 from fedcifar_app.client.warm import protocol
 from fedcifar_app.client.warm.child import exit_code, openblas_threads, torch_threads
 from fedcifar_app.client.warm.folder import WarmFolder
-from fedcifar_app.client.warm.parent import load_time_differences, shared_namespaces
+from fedcifar_app.client.warm.fork_safety import load_time_differences, shared_namespaces
 from fedcifar_app.client.warm.shim import real_clientapp
 from fedcifar_app.deploy.commands import supernode_command
 from fedcifar_app.procfs import all_processes, session_members

@@ -12,7 +12,8 @@ the warm path cannot be used, the shim prints one WARNING line and execs Flower'
 
 - protocol.py  the messages over the socket (stdlib only: the shim imports it per message)
 - shim.py      the ``flwr-clientapp`` stand-in (``fedcifar-warm-shim``; stdlib only)
-- parent.py    the warm parent: preload, the safety check before each fork, the serve loop
+- parent.py    the warm parent: its serve loop (requests, forks, children's exit codes, signals)
+- fork_safety.py what the parent preloads; whether its state and a request allow an exact fork
 - child.py     what a forked child does before Flower runs: the shim's process state, threads
 - folder.py    the socket folder and the shim's PATH entry, for fedcifar-deploy and the CLI
 - cli.py       ``fedcifar-warm``: a warm parent for ``fedcifar-deploy``, or around a plain ``flower-supernode``

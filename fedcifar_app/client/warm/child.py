@@ -36,7 +36,7 @@ from ...errors import first_line
 from . import protocol
 
 if TYPE_CHECKING:
-    from .parent import Preloaded
+    from .fork_safety import Preloaded
 
 APP_PACKAGE = "fedcifar_app"
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS")

@@ -21,7 +21,8 @@ from pathlib import Path
 from ...errors import WarmStartError
 from .child import ChildStart
 from .folder import WarmFolder
-from .parent import DEFAULT_PRELOAD, start_parent
+from .fork_safety import DEFAULT_PRELOAD
+from .parent import start_parent
 
 
 def build_parser() -> argparse.ArgumentParser:
