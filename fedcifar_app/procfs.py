@@ -20,6 +20,7 @@ class ProcStat(NamedTuple):
     parent: int
     process_group: int
     session: int
+    threads: int
     start_ticks: int
 
     @property
@@ -31,7 +32,7 @@ class ProcStat(NamedTuple):
 def parse_proc_stat(text: str) -> ProcStat:
     """Parse a stat line; the command name sits in parentheses and may hold spaces or ")"."""
     fields = text[text.rfind(")") + 2 :].split()
-    return ProcStat(fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19]))
+    return ProcStat(fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[17]), int(fields[19]))
 
 
 def read_proc_stat(pid: int, proc: Path = PROC) -> ProcStat | None:

@@ -362,9 +362,10 @@ def test_control_project_names_this_superlink(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- processes
 def test_parse_proc_stat_survives_odd_command_names() -> None:
-    fields = " ".join(["S", "1", "77", "88"] + ["0"] * 15 + ["4242", "0"])
+    fields = " ".join(["S", "1", "77", "88"] + ["0"] * 13 + ["3", "0", "4242", "0"])
     parsed = parse_proc_stat(f"123 (a) b (c)) {fields}")
-    assert parsed == ("S", 1, 77, 88, 4242) and parsed.session == 88 and parsed.parent == 1
+    assert parsed == ("S", 1, 77, 88, 3, 4242) and parsed.session == 88 and parsed.parent == 1
+    assert parsed.threads == 3 and parsed.start_ticks == 4242
 
 
 def test_split_address() -> None:

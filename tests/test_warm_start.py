@@ -35,7 +35,7 @@ from fedcifar_app.client.warm.folder import WarmFolder
 from fedcifar_app.client.warm.fork_safety import load_time_differences, shared_namespaces
 from fedcifar_app.client.warm.shim import real_clientapp
 from fedcifar_app.deploy.commands import supernode_command
-from fedcifar_app.procfs import all_processes, session_members
+from fedcifar_app.procfs import all_processes, read_proc_stat, session_members
 
 SUPPORT = Path(__file__).resolve().parent / "support"
 COLD_WARNING = "warm ClientApp start unavailable"
@@ -180,14 +180,6 @@ class Parent:
         return self.log.read_text()
 
 
-def thread_count(pid: int) -> int:
-    """Threads of process ``pid`` (0 once it is gone)."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/task"))
-    except FileNotFoundError:
-        return 0
-
-
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory) -> Iterator[Parent]:
     warm = Parent(tmp_path_factory.mktemp("warm-parent"))
@@ -224,7 +216,7 @@ def test_shim_passes_signals_on_and_dies_like_its_child(parent: Parent) -> None:
     (child,) = set(parent.children()) - before
     # Forked with one thread; its first thread after the shim's "go" (which comes once the shim forwards
     # signals) watches the shim. From then on it runs Flower's flwr-clientapp.
-    while thread_count(child) < 2:
+    while (stat := read_proc_stat(child)) is None or stat.threads < 2:
         assert blocked.poll() is None and time.monotonic() < deadline, blocked.communicate()
         time.sleep(0.05)
     blocked.send_signal(signal.SIGUSR1)
